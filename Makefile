@@ -1,0 +1,97 @@
+# feedrate — every entry point. The venv bootstraps itself on first use (stamp files skip it later).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stamp-runtime
+DEV_STAMP := $(VENV)/.stamp-dev
+PIP_QUIET := -q --disable-pip-version-check
+
+# A running `make s3-up` endpoint is picked up automatically (your own AWS_* settings win).
+-include .s3-local/env.mk
+
+LOADER ?= torchvision
+EPOCHS ?= 1
+WORKERS ?= 2
+DEVICE ?= auto
+FORMAT ?= jpg
+SOURCE ?= auto
+ifeq ($(FORMAT),jpg)
+DEST ?= data/shards
+else
+DEST ?= data/shards-$(FORMAT)
+endif
+DATA ?= data/shards
+ARGS ?=
+
+export PYTHONPATH := $(CURDIR)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help venv dev shards train-cifar test test-slow test-gpu lint format s3-up s3-down bench compare clean
+
+help:
+	@echo "make train-cifar [LOADER=torchvision|wds|dali|tensor] [DATA=URL] [EPOCHS=1] [WORKERS=N] [DEVICE=auto]"
+	@echo "make test          the CPU test suite (lint first in CI)"
+	@echo "make shards [DEST=URL] [FORMAT=jpg|png|raw] [SOURCE=auto|synthetic|PATH]"
+	@echo "make s3-up / s3-down   a local S3 endpoint (moto) on 127.0.0.1"
+	@echo "make bench / compare   loader benchmarks and training comparisons"
+	@echo "make lint / format"
+
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	@echo "installing requirements.txt into $(VENV) (first run takes a few minutes)"
+	@$(PY) -m pip install $(PIP_QUIET) -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+	@touch $@
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	@$(PY) -m pip install $(PIP_QUIET) -r requirements-dev.txt 2> >(grep -v "is ignored: it is neither" >&2)
+	@touch $@
+
+venv: $(STAMP)
+dev: $(DEV_STAMP)
+
+shards: $(STAMP)
+	$(PY) -m shardgen --dest "$(DEST)" --format $(FORMAT) --source "$(SOURCE)" $(ARGS)
+
+# Local default data: built once (and on first use) when DATA is the default local path.
+data/shards/manifest.json: | $(STAMP)
+	$(PY) -m shardgen --dest data/shards --format jpg --source "$(SOURCE)"
+
+train-cifar: $(STAMP) $(if $(filter data/shards,$(DATA)),data/shards/manifest.json)
+	@test -f train.py || { echo "train-cifar: train.py is not built yet (issue: train.py)"; exit 2; }
+	$(PY) train.py --loader $(LOADER) --data "$(DATA)" --epochs $(EPOCHS) --workers $(WORKERS) --device $(DEVICE) $(ARGS)
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest -m "not gpu and not slow" $(ARGS)
+
+test-slow: $(DEV_STAMP)
+	$(PY) -m pytest -m "slow and not gpu" $(ARGS)
+
+test-gpu: $(DEV_STAMP)
+	$(PY) -m pytest -m gpu $(ARGS)
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(DEV_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+s3-up: $(DEV_STAMP)
+	$(PY) -m feedrate.locals3 up
+
+s3-down: $(DEV_STAMP)
+	$(PY) -m feedrate.locals3 down
+
+bench: $(DEV_STAMP)
+	@echo "bench: not built yet (issue: compare loader variants)"; exit 2
+
+compare: $(DEV_STAMP)
+	@echo "compare: not built yet (issue: compare loader variants)"; exit 2
+
+clean:
+	rm -rf results .pytest_cache .ruff_cache

@@ -1,0 +1,174 @@
+"""A local S3-compatible endpoint (moto's server) on 127.0.0.1, for demos, tests and benchmarks.
+
+Both boto3 (`s3://`) and ibm_boto3 (`cos://`, HMAC keys) speak to it over real HTTP. The server runs as
+its own process; `start` returns its pid and endpoint, `stop` ends it by pid. `python -m
+feedrate.locals3 up|down` is what `make s3-up` / `make s3-down` run: state (pid, endpoint, an env file
+to source) lives in `.s3-local/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from feedrate.errors import FeedrateError, run_cli
+
+HOST = "127.0.0.1"
+# moto accepts any key pair; these are placeholders, not secrets.
+LOCAL_ACCESS_KEY = "feedrate-local"
+LOCAL_SECRET_KEY = "feedrate-local-secret"
+LOCAL_REGION = "us-east-1"
+STATE_DIR = Path(".s3-local")
+DEFAULT_BUCKET = "feedrate"
+
+
+@dataclass(frozen=True)
+class LocalS3:
+    pid: int
+    endpoint: str
+
+    def env(self) -> dict[str, str]:
+        """Variables that point boto3 and ibm_boto3 at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "COS_ENDPOINT": self.endpoint,
+            "AWS_ACCESS_KEY_ID": LOCAL_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": LOCAL_SECRET_KEY,
+            "AWS_DEFAULT_REGION": LOCAL_REGION,
+        }
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _moto_server_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("moto_server")
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("moto_server")
+    if found:
+        return [found]
+    raise FeedrateError("moto_server not found: pip install 'moto[server]' (requirements-dev.txt)")
+
+
+def start(port: int | None = None, log_path: Path | None = None, timeout_s: float = 30.0) -> LocalS3:
+    """Start moto's server on 127.0.0.1 and wait until it answers."""
+    port = port or free_port()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(
+        [*_moto_server_cmd(), "-H", HOST, "-p", str(port)],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # outlives `make s3-up`; stopped by pid
+    )
+    endpoint = f"http://{HOST}:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FeedrateError(f"moto_server exited with code {proc.returncode} on port {port}")
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                return LocalS3(proc.pid, endpoint)
+        except OSError:
+            time.sleep(0.1)
+    stop(proc.pid)
+    raise FeedrateError(f"moto_server did not answer on {endpoint} within {timeout_s:.0f} s")
+
+
+def stop(pid: int, timeout_s: float = 10.0) -> None:
+    """Stop the server process `pid` (TERM, then KILL)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+        except ChildProcessError:  # not our child: poll for its disappearance
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=LOCAL_ACCESS_KEY,
+        aws_secret_access_key=LOCAL_SECRET_KEY,
+        region_name=LOCAL_REGION,
+    )
+    client.create_bucket(Bucket=bucket)
+
+
+def _up(bucket: str) -> None:
+    pid_file = STATE_DIR / "pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, 0)
+            endpoint = (STATE_DIR / "endpoint").read_text().strip()
+            print(f"local S3 already running (pid {pid}) at {endpoint}")
+            return
+        except ProcessLookupError:
+            pid_file.unlink()
+    STATE_DIR.mkdir(exist_ok=True)
+    server = start(log_path=STATE_DIR / "server.log")
+    pid_file.write_text(f"{server.pid}\n")
+    (STATE_DIR / "endpoint").write_text(server.endpoint + "\n")
+    env_lines = [f"export {k}={v}" for k, v in server.env().items()]
+    (STATE_DIR / "env").write_text("\n".join(env_lines) + "\n")
+    (STATE_DIR / "env.mk").write_text(
+        "\n".join(f"{k} ?= {v}\nexport {k}" for k, v in server.env().items()) + "\n"
+    )
+    create_bucket(server.endpoint, bucket)
+    print(f"local S3 (moto) running, pid {server.pid}, endpoint {server.endpoint}, bucket '{bucket}'")
+    print("make targets pick it up by themselves; in a shell:  source .s3-local/env")
+    print(f"then e.g.  make shards DEST=s3://{bucket}/cifar10   or   DEST=cos://{bucket}/cifar10")
+
+
+def _down() -> None:
+    pid_file = STATE_DIR / "pid"
+    if not pid_file.exists():
+        print("local S3 is not running")
+        return
+    pid = int(pid_file.read_text())
+    stop(pid)
+    for name in ("pid", "endpoint", "env", "env.mk"):
+        (STATE_DIR / name).unlink(missing_ok=True)
+    print(f"local S3 stopped (pid {pid})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="locals3", description="A local S3 endpoint on 127.0.0.1.")
+    p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (default: %(default)s)")
+    args = p.parse_args(argv)
+    run_cli("s3-local", lambda: _up(args.bucket) if args.action == "up" else _down())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,605 @@
+"""Storage: one scheme table for every place a dataset can live.
+
+shardgen writes through it and the loaders read through it, so `local path`, `file://`, `s3://` and
+`cos://` mean the same thing everywhere. A `Store` is rooted at a URL (a directory or a bucket
+prefix) and addresses objects by names relative to that root.
+
+- local paths and `file://` URLs: plain files; writes go to a temporary name and are renamed into
+  place, so a reader never sees half a file under its final name.
+- `s3://bucket/prefix`: boto3 with its default credential chain; the endpoint comes from
+  `--endpoint-url`, else boto3's own `AWS_ENDPOINT_URL`.
+- `cos://bucket/prefix`: ibm_boto3 (IBM's fork of boto3). Credentials from IBM's documented
+  sources: HMAC keys (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` or `~/.bluemix/cos_credentials`)
+  or an API key (`IBM_API_KEY_ID` + `IBM_SERVICE_INSTANCE_ID`, optional `IBM_AUTH_ENDPOINT`). The
+  endpoint comes from `--endpoint-url`, else `COS_ENDPOINT`, else the SDK's own `AWS_ENDPOINT_URL`.
+
+The SDK packages are imported only when a remote store is opened. Every SDK error is turned into a
+`StorageError` whose message names the URL and the cause and never carries a credential.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit, urlunsplit
+
+from feedrate.errors import FeedrateError
+
+# Bounded network behaviour: an unreachable endpoint fails in seconds, not minutes.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+MAX_ATTEMPTS = 4
+# Managed transfers: objects above this size go up and down in parallel multipart pieces.
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+
+
+class StorageError(FeedrateError):
+    """A storage operation failed for a reason the user can act on (bucket, credentials, network)."""
+
+
+class UnknownSchemeError(StorageError, ValueError):
+    """A URL whose scheme is not in the scheme table."""
+
+
+@dataclass
+class Counters:
+    """What a store did, for run.json: bytes moved and requests made."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    requests: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, *, read: int = 0, written: int = 0, requests: int = 0) -> None:
+        with self.lock:
+            self.bytes_read += read
+            self.bytes_written += written
+            self.requests += requests
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "requests": self.requests,
+        }
+
+
+def redact_url(url: str) -> str:
+    """The URL without any user:password part, safe to print."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return url
+
+
+class Store:
+    """Objects under one root URL. Subclasses implement the primitive operations."""
+
+    scheme = ""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.counters = Counters()
+
+    # -- naming ----------------------------------------------------------------------------------
+    def url_for(self, name: str) -> str:
+        """The full URL of `name`, for messages and manifests."""
+        return f"{self.url}/{name}"
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+    # -- primitives --------------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def size(self, name: str) -> int:
+        raise NotImplementedError
+
+    def open_read(self, name: str, start: int = 0) -> BinaryIO:
+        """A streaming reader of `name` from byte `start` (one request for a remote object)."""
+        raise NotImplementedError
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open_read(name) as stream:
+            return stream.read()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Store `data` under `name`, all or nothing."""
+        raise NotImplementedError
+
+    def put_file(
+        self, local_path: str | Path, name: str, callback: Callable[[int], Any] | None = None
+    ) -> None:
+        """Copy a local file to `name` (a managed, possibly multipart, transfer for remote stores)."""
+        raise NotImplementedError
+
+    def get_file(
+        self, name: str, local_path: str | Path, callback: Callable[[int], Any] | None = None
+    ) -> None:
+        """Copy `name` to a local file, written under a temporary name and renamed into place."""
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names under the root that start with `prefix`, sorted."""
+        raise NotImplementedError
+
+    def check_writable(self) -> None:
+        """Raise StorageError unless objects can be written under the root."""
+        raise NotImplementedError
+
+    def check_readable(self) -> None:
+        """Raise StorageError unless the root can be read (bucket exists, credentials work)."""
+        raise NotImplementedError
+
+
+class LocalStore(Store):
+    """A directory on local disk."""
+
+    scheme = "file"
+
+    def __init__(self, url: str) -> None:
+        path = url[len("file://") :] if url.startswith("file://") else url
+        if not path:
+            raise StorageError(f"empty path in {url!r}; expected a directory such as data/shards")
+        self.root = Path(path).expanduser()
+        super().__init__(str(self.root))
+
+    @property
+    def is_local(self) -> bool:
+        return True
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def url_for(self, name: str) -> str:
+        return str(self.path(name))
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def size(self, name: str) -> int:
+        try:
+            return self.path(name).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"{self.path(name)} does not exist") from None
+
+    def open_read(self, name: str, start: int = 0) -> BinaryIO:
+        try:
+            stream = open(self.path(name), "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            raise StorageError(f"{self.path(name)} does not exist") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path(name)}: {exc.strerror}") from None
+        if start:
+            stream.seek(start)
+        self.counters.add(requests=1)
+        return _CountingReader(stream, self.counters)
+
+    @contextlib.contextmanager
+    def _atomic_target(self, name: str) -> Iterator[Path]:
+        target = self.path(name)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write to {target.parent}: {exc.strerror}") from None
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide data from other users
+            os.replace(tmp_path, target)
+        except BaseException:
+            tmp_path.unlink(missing_ok=True)
+            raise
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self._atomic_target(name) as tmp:
+            tmp.write_bytes(data)
+        self.counters.add(written=len(data), requests=1)
+
+    def put_file(
+        self, local_path: str | Path, name: str, callback: Callable[[int], Any] | None = None
+    ) -> None:
+        local_path = Path(local_path)
+        size = local_path.stat().st_size
+        with self._atomic_target(name) as tmp:
+            shutil.copyfile(local_path, tmp)
+        self.counters.add(written=size, requests=1)
+        if callback:
+            callback(size)
+
+    def get_file(
+        self, name: str, local_path: str | Path, callback: Callable[[int], Any] | None = None
+    ) -> None:
+        source = self.path(name)
+        if not source.is_file():
+            raise StorageError(f"{source} does not exist")
+        local = LocalStore(str(Path(local_path).parent))
+        with local._atomic_target(Path(local_path).name) as tmp:
+            shutil.copyfile(source, tmp)
+        size = source.stat().st_size
+        self.counters.add(read=size, requests=1)
+        if callback:
+            callback(size)
+
+    def delete(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> list[str]:
+        if not self.root.is_dir():
+            return []
+        names = []
+        for path in self.root.rglob("*"):
+            if path.is_file():
+                rel = path.relative_to(self.root).as_posix()
+                if rel.startswith(prefix):
+                    names.append(rel)
+        return sorted(names)
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".write-check."):
+                pass
+        except OSError as exc:
+            raise StorageError(f"destination {self.root} is not writable: {exc.strerror or exc}") from None
+
+    def check_readable(self) -> None:
+        if not self.root.is_dir():
+            raise StorageError(f"{self.root} does not exist or is not a directory")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _CountingReader:
+    """Wraps a binary stream and counts the bytes read through it."""
+
+    def __init__(self, stream: Any, counters: Counters) -> None:
+        self._stream = stream
+        self._counters = counters
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._counters.add(read=len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> _CountingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ObjectStore(Store):
+    """A bucket prefix behind an S3-compatible API; subclasses supply the SDK."""
+
+    sdk_hint = ""
+
+    def __init__(self, url: str, endpoint_url: str | None = None) -> None:
+        super().__init__(url)
+        parts = urlsplit(url)
+        self.bucket = parts.netloc
+        if not self.bucket:
+            raise StorageError(f"no bucket in {url!r}; expected {self.scheme}://BUCKET[/PREFIX]")
+        self.prefix = parts.path.strip("/")
+        self.endpoint_url = endpoint_url or self._default_endpoint()
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    # -- SDK specifics -------------------------------------------------------------------------------
+    def _default_endpoint(self) -> str | None:
+        return None
+
+    def _sdk(self) -> tuple[Any, Any, Any]:
+        """(sdk module, its Config class, its exceptions module)."""
+        raise NotImplementedError
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def _transfer_config(self) -> Any:
+        raise NotImplementedError
+
+    # -- client --------------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        with self._client_lock:
+            if self._client is None:
+                sdk, config_cls, _ = self._sdk()
+                config = config_cls(
+                    connect_timeout=CONNECT_TIMEOUT_S,
+                    read_timeout=READ_TIMEOUT_S,
+                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+                    **self._extra_config(),
+                )
+                kwargs = self._client_kwargs()
+                if self.endpoint_url:
+                    kwargs["endpoint_url"] = self.endpoint_url
+                try:
+                    self._client = sdk.client("s3", config=config, **kwargs)
+                except Exception as exc:
+                    raise self._translate(exc, self.url) from None
+            return self._client
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {}
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def where(self) -> str:
+        endpoint = self.endpoint_url
+        if not endpoint and self._client is not None:
+            endpoint = self._client.meta.endpoint_url
+        return f" at {redact_url(endpoint)}" if endpoint else ""
+
+    def _translate(self, exc: Exception, url: str) -> StorageError:
+        """An SDK exception as a one-line StorageError naming `url`, free of secrets."""
+        _, _, errors = self._sdk()
+        where = self.where()
+        if isinstance(exc, StorageError):
+            return exc
+        if isinstance(exc, errors.NoCredentialsError):
+            return StorageError(f"no credentials for {url}: {self.sdk_hint}")
+        if isinstance(exc, (errors.EndpointConnectionError, errors.ConnectTimeoutError)):
+            return StorageError(f"cannot reach the endpoint for {url}{where}")
+        if isinstance(exc, errors.ReadTimeoutError):
+            return StorageError(f"timed out reading {url}{where}")
+        if isinstance(exc, errors.ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchBucket",) or (code == "404" and not self._key_in(url)):
+                return StorageError(f"bucket {self.bucket!r} does not exist{where} ({url})")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return StorageError(f"{url} does not exist")
+            if code in (
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "AccessDenied",
+                "403",
+                "Forbidden",
+                "InvalidToken",
+            ):
+                return StorageError(
+                    f"access denied to {url}{where} (code {code}): check the credentials; {self.sdk_hint}"
+                )
+            return StorageError(f"{url}: {code or status} {error.get('Message', '')}".strip())
+        if isinstance(exc, errors.BotoCoreError):
+            return StorageError(f"{url}: {type(exc).__name__}{where}")
+        return StorageError(f"{url}: {type(exc).__name__}")
+
+    def _key_in(self, url: str) -> bool:
+        return url.rstrip("/") != f"{self.scheme}://{self.bucket}"
+
+    def _call(self, url: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            result = fn(**kwargs)
+        except Exception as exc:
+            raise self._translate(exc, url) from None
+        self.counters.add(requests=1)
+        return result
+
+    # -- operations ----------------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        url = self.url_for(name)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+        except Exception as exc:
+            _, _, errors = self._sdk()
+            if isinstance(exc, errors.ClientError):
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code in ("404", "NoSuchKey", "NotFound"):
+                    self.counters.add(requests=1)
+                    self.check_readable()
+                    return False
+            raise self._translate(exc, url) from None
+        self.counters.add(requests=1)
+        return True
+
+    def size(self, name: str) -> int:
+        head = self._call(self.url_for(name), self.client.head_object, Bucket=self.bucket, Key=self.key(name))
+        return int(head["ContentLength"])
+
+    def open_read(self, name: str, start: int = 0) -> BinaryIO:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name)}
+        if start:
+            kwargs["Range"] = f"bytes={start}-"
+        response = self._call(self.url_for(name), self.client.get_object, **kwargs)
+        return _CountingReader(response["Body"], self.counters)  # type: ignore[return-value]
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        self._call(
+            self.url_for(name),
+            self.client.put_object,
+            Bucket=self.bucket,
+            Key=self.key(name),
+            Body=data,
+        )
+        self.counters.add(written=len(data))
+
+    def put_file(
+        self, local_path: str | Path, name: str, callback: Callable[[int], Any] | None = None
+    ) -> None:
+        size = Path(local_path).stat().st_size
+        # upload_file is the SDK's managed transfer: multipart above the threshold, retried parts,
+        # and an aborted multipart upload when it fails or is interrupted.
+        self._call(
+            self.url_for(name),
+            self.client.upload_file,
+            Filename=str(local_path),
+            Bucket=self.bucket,
+            Key=self.key(name),
+            Config=self._transfer_config(),
+            Callback=callback,
+        )
+        self.counters.add(written=size)
+
+    def get_file(
+        self, name: str, local_path: str | Path, callback: Callable[[int], Any] | None = None
+    ) -> None:
+        local_path = Path(local_path)
+        local_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".tmp", dir=local_path.parent)
+        os.close(fd)
+        try:
+            self._call(
+                self.url_for(name),
+                self.client.download_file,
+                Bucket=self.bucket,
+                Key=self.key(name),
+                Filename=tmp,
+                Config=self._transfer_config(),
+                Callback=callback,
+            )
+            os.replace(tmp, local_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.counters.add(read=local_path.stat().st_size)
+
+    def delete(self, name: str) -> None:
+        self._call(self.url_for(name), self.client.delete_object, Bucket=self.bucket, Key=self.key(name))
+
+    def list(self, prefix: str = "") -> list[str]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        names: list[str] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": root + prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call(self.url, self.client.list_objects_v2, **kwargs)
+            names.extend(obj["Key"][len(root) :] for obj in page.get("Contents", []))
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+        return sorted(names)
+
+    def check_readable(self) -> None:
+        self._call(f"{self.scheme}://{self.bucket}", self.client.head_bucket, Bucket=self.bucket)
+
+    def check_writable(self) -> None:
+        # HEAD on the bucket proves it exists and the credentials are accepted; a write that is then
+        # refused still fails with a StorageError naming the object.
+        self.check_readable()
+
+
+class S3Store(ObjectStore):
+    """`s3://bucket/prefix` through boto3."""
+
+    scheme = "s3"
+    sdk_hint = (
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or another source of "
+        "boto3's default credential chain"
+    )
+
+    def _sdk(self) -> tuple[Any, Any, Any]:
+        try:
+            import boto3
+            import botocore.config
+            import botocore.exceptions
+        except ImportError:
+            raise StorageError("s3:// needs boto3: pip install boto3") from None
+        return boto3, botocore.config.Config, botocore.exceptions
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, max_concurrency=4)
+
+
+class COSStore(ObjectStore):
+    """`cos://bucket/prefix` through ibm_boto3 (IBM Cloud Object Storage)."""
+
+    scheme = "cos"
+    sdk_hint = (
+        "set HMAC keys (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.bluemix/cos_credentials) "
+        "or IBM_API_KEY_ID with IBM_SERVICE_INSTANCE_ID"
+    )
+
+    def _default_endpoint(self) -> str | None:
+        return os.environ.get("COS_ENDPOINT") or None
+
+    def _sdk(self) -> tuple[Any, Any, Any]:
+        try:
+            import ibm_boto3
+            import ibm_botocore.config
+            import ibm_botocore.exceptions
+        except ImportError:
+            raise StorageError("cos:// needs ibm-cos-sdk: pip install ibm-cos-sdk") from None
+        return ibm_boto3, ibm_botocore.config.Config, ibm_botocore.exceptions
+
+    def _extra_config(self) -> dict[str, Any]:
+        # With an API key (and no HMAC pair) COS authenticates by IAM token: the "oauth" signer.
+        has_hmac = os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if os.environ.get("IBM_API_KEY_ID") and not has_hmac:
+            return {"signature_version": "oauth"}
+        return {}
+
+    def _transfer_config(self) -> Any:
+        from ibm_boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, max_concurrency=4)
+
+
+# The scheme table: every URL feedrate accepts resolves here, and nowhere else.
+SCHEMES: dict[str, type[Store]] = {
+    "file": LocalStore,
+    "s3": S3Store,
+    "cos": COSStore,
+}
+
+
+def scheme_of(url: str) -> str:
+    """The storage scheme of `url`: a bare path counts as `file`."""
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0].lower()
+
+
+def open_store(url: str, endpoint_url: str | None = None) -> Store:
+    """The Store rooted at `url`; an unknown scheme is a StorageError naming the accepted ones."""
+    if not url or not url.strip():
+        raise StorageError("empty storage URL; expected a local path, file://, s3:// or cos:// URL")
+    scheme = scheme_of(url)
+    cls = SCHEMES.get(scheme)
+    if cls is None:
+        accepted = ", ".join(f"{s}://" for s in SCHEMES)
+        raise UnknownSchemeError(
+            f"unknown storage scheme {scheme!r} in {redact_url(url)!r}; accepted: a local path, {accepted}"
+        )
+    if issubclass(cls, ObjectStore):
+        return cls(url, endpoint_url=endpoint_url)
+    return cls(url)

@@ -1,0 +1,68 @@
+"""Shared fixtures: a real S3-compatible server process on loopback and small datasets.
+
+The S3 endpoint is moto's server started as a separate process on a free 127.0.0.1 port (not the
+in-process mock), so boto3 and ibm_boto3 talk real HTTP to it; it is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from feedrate import locals3
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[locals3.LocalS3]:
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    server = locals3.start(log_path=log)
+    try:
+        yield server
+    finally:
+        locals3.stop(server.pid)
+
+
+@pytest.fixture
+def s3_env(s3_server: locals3.LocalS3, monkeypatch: pytest.MonkeyPatch) -> locals3.LocalS3:
+    """The environment pointed at the local server (and nothing else: no real AWS config)."""
+    for key in list(os.environ):
+        if key.startswith(("AWS_", "IBM_", "COS_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("COS_CREDENTIALS_FILE", "/nonexistent")
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+@pytest.fixture
+def bucket(s3_env: locals3.LocalS3) -> str:
+    """A fresh, empty bucket on the local server."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    locals3.create_bucket(s3_env.endpoint, name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic png dataset on local disk: 600 train / 200 test samples, shards of 100."""
+    from shardgen import ShardgenConfig, build
+
+    root = tmp_path_factory.mktemp("tiny") / "ds"
+    build(
+        ShardgenConfig(
+            dest=str(root),
+            source="synthetic",
+            fmt="png",
+            shard_size=100,
+            synthetic_train=600,
+            synthetic_test=200,
+            allow_download=False,
+        )
+    )
+    return root
