@@ -1,0 +1,53 @@
+"""Loaders by name. Each backend's heavy dependency is imported only when that backend is asked for.
+
+`make_loader("dali", cfg)` on a machine without DALI raises a FeedrateError that says what to install;
+`import loaders` itself needs nothing beyond the standard library and feedrate.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from feedrate.errors import FeedrateError
+from loaders.base import CIFAR10_MEAN, CIFAR10_STD, Download, Loader, LoaderConfig, batches_for
+
+# name -> (module, class, pip packages that backend needs)
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "torchvision": ("loaders.baseline", "TorchvisionLoader", "torch torchvision pillow"),
+    "wds": ("loaders.streaming", "WdsLoader", "webdataset torch torchvision"),
+    "dali": ("loaders.dali_pipe", "DaliLoader", "nvidia-dali-cuda120"),
+    "tensor": ("loaders.resident", "TensorLoader", "torch"),
+}
+
+
+def available() -> list[str]:
+    return list(BACKENDS)
+
+
+def make_loader(name: str, cfg: LoaderConfig) -> Loader:
+    """The loader called `name` for `cfg`; unknown names and missing packages are FeedrateErrors."""
+    if name not in BACKENDS:
+        raise FeedrateError(f"unknown loader {name!r}; accepted: {', '.join(BACKENDS)}")
+    module_name, class_name, packages = BACKENDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
+            raise FeedrateError(f"loader {name!r} is not built yet in this version of feedrate") from None
+        raise FeedrateError(
+            f"loader {name!r} needs the package that provides {exc.name!r}: pip install {packages}"
+        ) from None
+    return getattr(module, class_name)(cfg)
+
+
+__all__ = [
+    "BACKENDS",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "Download",
+    "Loader",
+    "LoaderConfig",
+    "available",
+    "batches_for",
+    "make_loader",
+]

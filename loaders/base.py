@@ -1,0 +1,88 @@
+"""The loader protocol every backend honours, and what they share.
+
+Iterating a loader yields `(images, labels)` already on the target device: images float32 NCHW,
+normalised with the CIFAR-10 mean/std; labels int64. `len()` is the number of batches per epoch,
+`samples` the number of samples per epoch, and `set_epoch(e)` reseeds the shuffle. The training loop
+never looks inside a backend and never branches on its name.
+
+A loader that has to fetch data before it can serve batches (the torchvision baseline reading batches
+from S3, a cache filled up front) records each fetch as a `Download`, which train.py writes as the seed
+CSV's type 10 (training data) and 11 (validation data) rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from feedrate.errors import FeedrateError
+
+# CIFAR-10 per-channel statistics of the training set (0-1 scale).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CROP_PADDING = 4
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """What a loader is asked to serve. Validated here so every backend gets sane values."""
+
+    data: str  # dataset root written by shardgen: a path, file://, s3:// or cos:// URL
+    split: str  # "train" or "test"
+    batch_size: int
+    train: bool  # True: shuffle + augment (crop-pad-4, flip); False: fixed order, no augmentation
+    workers: int = 0
+    device: str = "cpu"  # a torch device string: "cpu", "cuda", "cuda:0"
+    seed: int = 0
+    endpoint_url: str | None = None
+    cache_dir: str | None = None
+    rank: int = 0  # torch.distributed rank / world size: each rank gets a disjoint part
+    world_size: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise FeedrateError(f"unknown split {self.split!r}; accepted: {', '.join(SPLITS)}")
+        if self.batch_size < 1:
+            raise FeedrateError(f"batch size {self.batch_size} must be >= 1")
+        if self.workers < 0:
+            raise FeedrateError(f"workers {self.workers} must be >= 0")
+        if not (0 <= self.rank < self.world_size):
+            raise FeedrateError(f"rank {self.rank} is outside world size {self.world_size}")
+
+
+@dataclass
+class Download:
+    """One up-front fetch of a split's data (a CSV row of type 10 or 11)."""
+
+    split: str
+    start: float  # Unix time when it began
+    loading: float  # seconds spent fetching bytes
+    duration: float  # seconds in all, including preparing the data in memory
+    samples: int
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What train.py and the benchmarks rely on."""
+
+    samples: int  # samples per epoch (this rank's part)
+    downloads: list[Download]  # up-front fetches made when the loader was built
+    decode_device: str  # where images are decoded/augmented: "cpu", "cuda", "mixed"
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters for run.json: bytes_read, requests, retries, cache_hits, cache_misses, skipped."""
+        ...
+
+
+def batches_for(samples: int, batch_size: int) -> int:
+    """Batches per epoch when the last batch may be partial (never padded with repeats)."""
+    return -(-samples // batch_size)
