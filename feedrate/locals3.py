@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 from feedrate.errors import FeedrateError, run_cli
 
 HOST = "127.0.0.1"
+_REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+"')
 # moto accepts any key pair; these are placeholders, not secrets.
 LOCAL_ACCESS_KEY = "feedrate-local"
 LOCAL_SECRET_KEY = "feedrate-local-secret"
@@ -36,6 +38,21 @@ DEFAULT_BUCKET = "feedrate"
 class LocalS3:
     pid: int
     endpoint: str
+    log_path: Path | None = None
+
+    def requests(self, method: str | None = None, path_prefix: str = "") -> list[str]:
+        """Requests the server logged ("GET /bucket/key"), optionally filtered: counted at the server."""
+        if self.log_path is None or not self.log_path.exists():
+            raise FeedrateError("this server was started without a log; pass log_path to start()")
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            match = _REQUEST_LINE.search(line)
+            if not match:
+                continue
+            verb, path = match.group(1), match.group(2)
+            if (method is None or verb == method) and path.startswith(path_prefix):
+                found.append(f"{verb} {path}")
+        return found
 
     def env(self) -> dict[str, str]:
         """Variables that point boto3 and ibm_boto3 at this server."""
@@ -82,7 +99,7 @@ def start(port: int | None = None, log_path: Path | None = None, timeout_s: floa
             raise FeedrateError(f"moto_server exited with code {proc.returncode} on port {port}")
         try:
             with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                return LocalS3(proc.pid, endpoint)
+                return LocalS3(proc.pid, endpoint, log_path)
         except OSError:
             time.sleep(0.1)
     stop(proc.pid)
