@@ -16,6 +16,12 @@ import pytest
 from feedrate import locals3
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Never let an SDK look for cloud credentials on the network (instance metadata endpoints): tests
+    # talk to 127.0.0.1 only.
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[locals3.LocalS3]:
     log = tmp_path_factory.mktemp("moto") / "server.log"
@@ -35,6 +41,7 @@ def s3_env(s3_server: locals3.LocalS3, monkeypatch: pytest.MonkeyPatch) -> local
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("COS_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server

@@ -1,0 +1,194 @@
+"""Results of a training run: the seed's CSV (exact) and run.json, the sidecar that says how it was made.
+
+The CSV is the seed's format, fixed by DESIGN.md: header `type,epoch,start,loading,duration,value1,
+value2`, times with 6 decimals, one row per event, each flushed as written. A row is formatted whole and
+handed to one `write` call, so an interrupted run leaves only complete rows.
+
+run.json is rewritten atomically (temporary file, then rename) after every epoch and at the end, so a
+reader always sees a whole document; its `status` says whether the run completed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from feedrate import __version__
+from feedrate.timing import BatchTime, EpochStats
+
+CSV_NAME = "train.csv"
+RUN_JSON_NAME = "run.json"
+CSV_HEADER = ("type", "epoch", "start", "loading", "duration", "value1", "value2")
+
+# Row types of the seed's CSV.
+TRAIN_EPOCH = 0
+VAL_EPOCH = 1
+TRAIN_BATCH = 2
+DOWNLOAD_TYPES = {"train": 10, "test": 11}  # downloading training / validation data
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds:.6f}"
+
+
+def _value(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6f}"
+
+
+class CsvLog:
+    """Appends the seed's rows to a CSV file, flushing each one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "w", newline="", encoding="ascii")  # noqa: SIM115 - closed by close()
+        self._write(CSV_HEADER)
+
+    def _write(self, fields: tuple[str, ...]) -> None:
+        line = io.StringIO()
+        csv.writer(line, lineterminator="\n").writerow(fields)
+        self._file.write(line.getvalue())
+        self._file.flush()
+
+    def row(
+        self,
+        kind: int,
+        epoch: int,
+        start: float,
+        loading: float,
+        duration: float,
+        value1: float | int | None,
+        value2: float | int | None,
+    ) -> None:
+        self._write(
+            (
+                str(kind),
+                str(epoch),
+                _time(start),
+                _time(loading),
+                _time(duration),
+                _value(value1),
+                _value(value2),
+            )
+        )
+
+    def download(self, split: str, start: float, loading: float, duration: float, samples: int) -> None:
+        """A type 10 (training data) or 11 (validation data) row."""
+        self.row(DOWNLOAD_TYPES[split], 0, start, loading, duration, samples, None)
+
+    def batch(self, epoch: int, start: float, batch: BatchTime, planned: int) -> None:
+        """A type 2 row: cumulative loading and wall time since the epoch's start."""
+        self.row(TRAIN_BATCH, epoch, start, batch.cum_loading, batch.cum_duration, batch.index, planned)
+
+    def epoch(self, kind: int, epoch: int, stats: EpochStats, top1: float | None, top5: float | None) -> None:
+        """A type 0 (training) or 1 (validation) row."""
+        self.row(kind, epoch, stats.start, stats.loading, stats.duration, top1, top5)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CsvLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
+    """Write `document` to `path` via a temporary file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# -- provenance ---------------------------------------------------------------------------------------
+
+# Distributions whose versions a result depends on; DALI ships under a CUDA-specific name.
+VERSIONED = ("torch", "torchvision", "numpy", "pillow", "webdataset", "boto3", "ibm-cos-sdk")
+DALI_DISTRIBUTIONS = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape the figures (absent ones are left out)."""
+    versions = {"python": platform.python_version(), "feedrate": __version__}
+    for name in VERSIONED:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    for name in DALI_DISTRIBUTIONS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions["dali"] = f"{metadata.version(name)} ({name})"
+            break
+    return versions
+
+
+def git_state(repo: Path) -> dict[str, Any]:
+    """The commit of the code that ran and whether the tree had local changes (None outside git)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def cpu_name() -> str:
+    """The CPU model as the kernel reports it (platform.processor() is often just the architecture)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: Any) -> str:
+    """A torch device's product name: the GPU's, or the CPU model."""
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def machine() -> dict[str, Any]:
+    """The host: CPU counts (all, and usable by this process), platform, Python executable."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "platform": platform.platform(),
+        "processor": cpu_name(),
+        "python": sys.executable,
+    }

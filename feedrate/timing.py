@@ -1,0 +1,170 @@
+"""One small timer for the training loop: where each batch's time went.
+
+Per batch there are two measured spans on one clock: `loading`, the time blocked in `next(iterator)`
+(including the host-to-device copy when the loader makes it, as every feedrate loader does), and the
+step (forward, backward, optimiser, or an emulated accelerator's sleep). On CUDA the clock synchronises
+the device before every reading, so a kernel still running when a span ends is charged to that span and
+never hides in the next batch's figure (timm's benchmark picks its clock the same way, once).
+
+Per epoch, the figures run.json reports:
+- data-wait fraction = time blocked on the loader / epoch wall time;
+- AU (accelerator utilisation, MLPerf Storage's definition) = compute time / wall time with the first
+  batch excluded, so worker start-up and the first fetch do not count against a steady-state figure.
+  Wall time includes the loop's own bookkeeping (CSV rows, progress bar), which is not compute.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Clock:
+    """A monotonic clock that synchronises the device first (when given a `sync`), plus wall time."""
+
+    def __init__(
+        self,
+        sync: Callable[[], object] | None = None,
+        perf: Callable[[], float] = time.perf_counter,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._sync = sync
+        self._perf = perf
+        self._wall = wall
+
+    def now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return self._perf()
+
+    def wall(self) -> float:
+        """Unix time, for the CSV's `start` column (never used for durations)."""
+        return self._wall()
+
+
+@dataclass(frozen=True)
+class BatchTime:
+    """One batch: its own spans and the epoch's cumulative figures after it (a CSV type-2 row)."""
+
+    index: int  # 1-based
+    samples: int
+    loading: float
+    step: float
+    cum_loading: float
+    cum_duration: float
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """What one epoch (training or validation) measured."""
+
+    start: float  # Unix time
+    batches: int
+    samples: int
+    loading: float  # blocked on the loader, summed
+    duration: float  # wall time from the epoch's start to the end of its last batch
+    compute: float  # step time, summed
+    first_batch: float  # wall time of the first batch (fetch + step), excluded from AU
+    first_step: float = 0.0  # step time of the first batch (part of `compute`, excluded from AU)
+
+    @property
+    def img_per_s(self) -> float | None:
+        return self.samples / self.duration if self.duration > 0 else None
+
+    @property
+    def data_wait_fraction(self) -> float | None:
+        return self.loading / self.duration if self.duration > 0 else None
+
+    @property
+    def au(self) -> float | None:
+        """Compute / wall time without the first batch; None with fewer than two batches."""
+        wall = self.duration - self.first_batch
+        if self.batches < 2 or wall <= 0:
+            return None
+        return min(1.0, (self.compute - self.first_step) / wall)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "batches": self.batches,
+            "samples": self.samples,
+            "seconds": self.duration,
+            "loading_seconds": self.loading,
+            "compute_seconds": self.compute,
+            "first_batch_seconds": self.first_batch,
+            "img_per_s": self.img_per_s,
+            "data_wait_fraction": self.data_wait_fraction,
+            "au": self.au,
+        }
+
+
+class EpochTimer:
+    """Times one epoch's batches: `fetch` around the loader, `end_step` after the step."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.start = clock.wall()
+        self._t0 = clock.now()
+        self._fetched_at = self._t0
+        self._pending_loading = 0.0
+        self.batches: list[BatchTime] = []
+        self.loading = 0.0
+        self.compute = 0.0
+
+    def fetch(self, get: Callable[[], T]) -> T:
+        """`get()` (typically `next` on the loader's iterator), timed as loading; exceptions propagate."""
+        before = self.clock.now()
+        item = get()
+        self._fetched_at = self.clock.now()
+        self._pending_loading = self._fetched_at - before
+        return item
+
+    def end_step(self, samples: int) -> BatchTime:
+        """Close the batch fetched last: its step ran from the fetch until now."""
+        now = self.clock.now()
+        step = now - self._fetched_at
+        self.loading += self._pending_loading
+        self.compute += step
+        batch = BatchTime(
+            index=len(self.batches) + 1,
+            samples=samples,
+            loading=self._pending_loading,
+            step=step,
+            cum_loading=self.loading,
+            cum_duration=now - self._t0,
+        )
+        self.batches.append(batch)
+        return batch
+
+    def stats(self) -> EpochStats:
+        """The epoch so far; its duration ends with the last completed batch."""
+        first = self.batches[0] if self.batches else None
+        last = self.batches[-1] if self.batches else None
+        return EpochStats(
+            start=self.start,
+            batches=len(self.batches),
+            samples=sum(b.samples for b in self.batches),
+            loading=self.loading,
+            duration=last.cum_duration if last else 0.0,
+            compute=self.compute,
+            first_batch=first.cum_duration if first else 0.0,
+            first_step=first.step if first else 0.0,
+        )
+
+
+def combine(epochs: list[EpochStats]) -> dict[str, float | None]:
+    """Figures over several epochs, each epoch's first batch excluded from AU as in `EpochStats.au`."""
+    duration = sum(e.duration for e in epochs)
+    samples = sum(e.samples for e in epochs)
+    loading = sum(e.loading for e in epochs)
+    counted = [e for e in epochs if e.batches >= 2]
+    wall = sum(e.duration - e.first_batch for e in counted)
+    compute = sum(e.compute - e.first_step for e in counted)
+    return {
+        "img_per_s": samples / duration if duration > 0 else None,
+        "data_wait_fraction": loading / duration if duration > 0 else None,
+        "au": min(1.0, compute / wall) if wall > 0 else None,
+    }
