@@ -81,8 +81,17 @@ def _moto_server_cmd() -> list[str]:
     raise FeedrateError("moto_server not found: pip install 'moto[server]' (requirements-dev.txt)")
 
 
-def start(port: int | None = None, log_path: Path | None = None, timeout_s: float = 30.0) -> LocalS3:
-    """Start moto's server on 127.0.0.1 and wait until it answers."""
+def start(
+    port: int | None = None,
+    log_path: Path | None = None,
+    timeout_s: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> LocalS3:
+    """Start moto's server on 127.0.0.1 and wait until it answers.
+
+    `env` adds server settings, e.g. INITIAL_NO_AUTH_ACTION_COUNT=N to make moto check credentials
+    (against its IAM) after the first N requests.
+    """
     port = port or free_port()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
@@ -90,6 +99,7 @@ def start(port: int | None = None, log_path: Path | None = None, timeout_s: floa
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
         start_new_session=True,  # outlives `make s3-up`; stopped by pid
     )
     endpoint = f"http://{HOST}:{port}"

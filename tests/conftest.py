@@ -73,3 +73,46 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def auth_s3_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[locals3.LocalS3, dict[str, str]]]:
+    """A moto server that checks credentials: (server, good env with a bucket 'authed')."""
+    import boto3
+
+    log = tmp_path_factory.mktemp("moto-auth") / "server.log"
+    # The first three requests (create user, key, policy) are unauthenticated; every later one is checked.
+    server = locals3.start(log_path=log, env={"INITIAL_NO_AUTH_ACTION_COUNT": "3"})
+    try:
+        iam = boto3.client(
+            "iam",
+            endpoint_url=server.endpoint,
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+            region_name="us-east-1",
+        )
+        iam.create_user(UserName="feedrate")
+        key = iam.create_access_key(UserName="feedrate")["AccessKey"]
+        iam.put_user_policy(
+            UserName="feedrate",
+            PolicyName="all",
+            PolicyDocument='{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}',
+        )
+        env = {
+            **server.env(),
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        }
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket="authed")
+        yield server, env
+    finally:
+        locals3.stop(server.pid)

@@ -253,6 +253,19 @@ def test_missing_bucket_and_no_credentials(s3_env, tmp_path: Path) -> None:
     assert result.returncode == 2 and "no credentials" in result.stderr
 
 
+@pytest.mark.parametrize("scheme", ["s3", "cos"])
+def test_wrong_credentials(auth_s3_server, s3_env, scheme: str, tmp_path: Path) -> None:
+    _server, good = auth_s3_server
+    wrong = {**good, "AWS_SECRET_ACCESS_KEY": "definitely-wrong-secret"}
+    dest = f"{scheme}://authed/ds-{scheme}"
+    result = _cli("--dest", dest, "--source", "synthetic", env=wrong)
+    assert result.returncode == 2
+    assert "access denied" in result.stderr and "definitely-wrong-secret" not in result.stderr
+    ok = _cli("--dest", dest, "--source", "synthetic", "--shard-size", "25", env=good)
+    assert ok.returncode == 0, ok.stderr
+    assert good["AWS_SECRET_ACCESS_KEY"] not in ok.stdout + ok.stderr
+
+
 def test_unreachable_endpoint_fails_in_bounded_time(s3_env) -> None:
     import socket
 
