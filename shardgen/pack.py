@@ -109,11 +109,14 @@ def build(cfg: ShardgenConfig) -> Manifest:
         shard_dir.mkdir()
         total = sum(len(data.splits[s][1]) for s in cfg.splits)
         splits: dict[str, SplitEntry] = {}
-        with progress(total=total, unit="img", desc=f"packing {cfg.fmt}") as bar:
+        # Local destinations need no upload bar; remote ones show bytes sent by the managed transfers.
+        quiet = {"disable": True} if store.is_local else {}
+        uploading = progress(unit="B", unit_scale=True, desc=f"uploading to {store.url}", **quiet)
+        with progress(total=total, unit="img", desc=f"packing {cfg.fmt}") as bar, uploading:
 
             def publish(shard: WrittenShard) -> None:
-                store.put_file(shard.path, shard.name)
-                store.put_file(shard.index_path, shard.index_name)
+                store.put_file(shard.path, shard.name, callback=uploading.update)
+                store.put_file(shard.index_path, shard.index_name, callback=uploading.update)
                 shard.path.unlink()
                 shard.index_path.unlink()
 
