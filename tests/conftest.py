@@ -116,3 +116,38 @@ def auth_s3_server(
         yield server, env
     finally:
         locals3.stop(server.pid)
+
+
+@pytest.fixture(scope="session")
+def make_encoded_dataset(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: a lossless dataset (png or raw) of encoded images, built by shardgen from CIFAR batches.
+
+    Call as make_encoded_dataset(fmt="png", n_train=..., n_test=..., shard_size=...) -> root Path.
+    Train sample i has index i; test sample j has index 10_000 + j.
+    """
+    from encoded import encoded_images
+
+    from feedrate.cifar import CLASS_NAMES, write_batch_dir
+    from shardgen import ShardgenConfig, build
+
+    made: dict[tuple, Path] = {}
+
+    def make(fmt: str = "png", n_train: int = 300, n_test: int = 100, shard_size: int = 100) -> Path:
+        key = (fmt, n_train, n_test, shard_size)
+        if key not in made:
+            base = tmp_path_factory.mktemp("encoded")
+            splits = {"train": encoded_images(n_train), "test": encoded_images(n_test, offset=10_000)}
+            write_batch_dir(base / "src" / "cifar-10-batches-py", splits, CLASS_NAMES, label="encoded")
+            build(
+                ShardgenConfig(
+                    dest=str(base / "ds"),
+                    source=str(base / "src"),
+                    fmt=fmt,
+                    shard_size=shard_size,
+                    allow_download=False,
+                )
+            )
+            made[key] = base / "ds"
+        return made[key]
+
+    return make
