@@ -1,0 +1,316 @@
+"""`make bench`: loader-only throughput of every variant, side by side, in one run.
+
+Variants are loader x storage x encoding x workers. The torchvision loader on local disk with the same
+workers, measured in the same run, is the baseline of every ratio. Remote variants read `s3://` and
+`cos://` URLs from a local S3 endpoint (moto's server on 127.0.0.1) that the bench starts and stops
+itself; GET requests are counted at that server. Each variant runs in a fresh process
+(`bench.measure`); one that cannot run here (a GPU-only variant without a GPU, a missing package) is
+listed as skipped with its reason.
+
+Writes results/bench/bench.json (DESIGN.md's fields, plus details) and results/bench/bench.md, and
+prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from feedrate import locals3
+from feedrate.errors import FeedrateError, run_cli
+from feedrate.manifest import ENCODINGS, MANIFEST_NAME, Manifest
+from feedrate.progress import progress
+
+LOADERS = ("torchvision", "wds", "dali", "tensor")
+STORAGES = ("local", "s3", "cos")
+# Loaders that read the CIFAR python batches rather than the shards: encoding does not apply.
+BATCH_READERS = ("torchvision", "tensor")
+BUCKET = "feedrate-bench"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Variant:
+    loader: str
+    storage: str
+    encoding: str  # jpg | png | raw, or "batches" for the loaders that read the python batches
+    workers: int
+    device: str  # cpu | cuda
+
+    @property
+    def name(self) -> str:
+        return f"{self.loader}/{self.storage}/{self.encoding}/w{self.workers}/{self.device}"
+
+
+def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise FeedrateError(f"unknown {what} {', '.join(bad) or '(none)'}; accepted: {', '.join(allowed)}")
+    return items
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def ensure_dataset(root: Path, fmt: str, train: int, test: int) -> None:
+    """A synthetic dataset of `train` samples in `fmt` at `root`, reused when it already matches."""
+    from shardgen import ShardgenConfig, build
+
+    manifest_path = root / MANIFEST_NAME
+    if manifest_path.exists():
+        manifest = Manifest.from_json(manifest_path.read_text())
+        if manifest.encoding == fmt and manifest.splits["train"].samples == train:
+            return
+    build(
+        ShardgenConfig(
+            dest=str(root),
+            source="synthetic",
+            fmt=fmt,
+            synthetic_train=train,
+            synthetic_test=test,
+            overwrite=True,
+            allow_download=False,
+        )
+    )
+
+
+def upload(root: Path, url: str) -> None:
+    from feedrate.storage import open_store
+
+    store = open_store(url)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    for path in files:
+        store.put_file(path, path.relative_to(root).as_posix())
+    store.put_file(root / MANIFEST_NAME, MANIFEST_NAME)  # last, as shardgen does
+
+
+def plan(args: argparse.Namespace, cuda: bool) -> list[tuple[Variant, str | None]]:
+    """Every requested variant, with the reason it cannot run here (or None)."""
+    variants: list[tuple[Variant, str | None]] = []
+    devices = ["cuda", "cpu"] if cuda else ["cpu"]
+    for workers in args.workers:
+        for loader in args.loaders:
+            for storage in args.storage:
+                encodings = ["batches"] if loader in BATCH_READERS else args.formats
+                for encoding in encodings:
+                    for device in devices:
+                        variants.append((Variant(loader, storage, encoding, workers, device), None))
+                    if loader == "dali" and not cuda:
+                        reason = "DALI mixed (nvJPEG) decode needs a CUDA GPU; none on this machine"
+                        variants.append((Variant(loader, storage, encoding, workers, "cuda"), reason))
+    # The baseline first: every ratio needs it.
+    variants.sort(key=lambda v: (v[0].loader != "torchvision" or v[0].storage != "local", v[0].workers))
+    return variants
+
+
+def run_variant(v: Variant, data: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.measure",
+        "--loader",
+        v.loader,
+        "--data",
+        data,
+        "--workers",
+        str(v.workers),
+        "--batch-size",
+        str(args.batch_size),
+        "--samples",
+        str(args.samples),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        v.device,
+    ]
+    try:
+        done = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"did not finish within {args.timeout} s"}
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        return {"skipped": f"failed: {lines[-1] if lines else f'exit {done.returncode}'}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    head = "| loader | storage | encoding | workers | device | img/s | × baseline | GETs/shard/epoch |\n"
+    head += "|---|---|---|---|---|---:|---:|---:|\n"
+    rows = []
+    for r in results:
+        if "skipped" in r:
+            rows.append(
+                f"| {r['loader']} | {r['storage']} | {r['encoding']} | {r['workers']} | {r['device']} "
+                f"| skipped: {r['skipped']} | | |"
+            )
+            continue
+        ratio = "" if r["ratio_to_baseline"] is None else f"{r['ratio_to_baseline']:.2f}"
+        gets = r.get("gets_per_shard_epoch")
+        rows.append(
+            f"| {r['loader']} | {r['storage']} | {r['encoding']} | {r['workers']} | {r['device']} "
+            f"| {r['img_per_s']:,.0f} | {ratio} | {'' if gets is None else f'{gets:.2f}'} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    from feedrate.results import library_versions, machine
+
+    cuda = _cuda_available()
+    data_dir = Path(args.data_dir)
+    formats_needed = sorted(set(args.formats) | {"raw"})  # batch readers use any dataset's batches
+    for fmt in progress(formats_needed, desc="datasets"):
+        ensure_dataset(data_dir / fmt, fmt, args.train_size, max(1_000, args.train_size // 10))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CI": os.environ.get("CI", "")}
+    server = None
+    remote = [s for s in args.storage if s != "local"]
+    if remote:
+        server = locals3.start(log_path=Path(args.out) / "moto.log")
+        env.update(server.env())
+        env["AWS_EC2_METADATA_DISABLED"] = "true"
+        locals3.create_bucket(server.endpoint, BUCKET)
+        os.environ.update(server.env())
+        for fmt in formats_needed:
+            upload(data_dir / fmt, f"s3://{BUCKET}/{fmt}")
+    try:
+        results: list[dict[str, Any]] = []
+        baseline: dict[int, float] = {}
+        variants = plan(args, cuda)
+        for variant, reason in progress(variants, desc="variants"):
+            fmt = "raw" if variant.encoding == "batches" else variant.encoding
+            data = (
+                str(data_dir / fmt) if variant.storage == "local" else f"{variant.storage}://{BUCKET}/{fmt}"
+            )
+            row: dict[str, Any] = {
+                "loader": variant.loader,
+                "storage": variant.storage,
+                "encoding": variant.encoding,
+                "workers": variant.workers,
+                "device": variant.device,
+                "batch_size": args.batch_size,
+            }
+            if reason is None:
+                before = len(server.requests("GET", f"/{BUCKET}/")) if server else 0
+                outcome = run_variant(variant, data, args, env)
+                gets = (len(server.requests("GET", f"/{BUCKET}/")) - before) if server else None
+            else:
+                outcome, gets = {"skipped": reason}, None
+            if "skipped" in outcome:
+                row["skipped"] = outcome["skipped"]
+                results.append(row)
+                print(f"skipped {variant.name}: {outcome['skipped']}", file=sys.stderr)
+                continue
+            row.update(
+                samples=outcome["samples"],
+                seconds=round(outcome["seconds"], 6),
+                img_per_s=round(outcome["img_per_s"], 1),
+                repeats_img_per_s=[round(r, 1) for r in outcome["repeats_img_per_s"]],
+                decode_device=outcome["decode_device"],
+                setup_s=round(outcome["setup_s"], 3),
+                stats=outcome["stats"],
+            )
+            if variant.loader == "torchvision" and variant.storage == "local":
+                baseline[variant.workers] = outcome["img_per_s"]
+            base = baseline.get(variant.workers)
+            row["ratio_to_baseline"] = round(outcome["img_per_s"] / base, 3) if base else None
+            if gets is not None and variant.encoding != "batches":
+                shards = _train_shards(data_dir / fmt)
+                epochs = (args.warmup * args.batch_size + outcome["samples"] * args.repeats) / args.train_size
+                row["server_gets"] = gets
+                row["gets_per_shard_epoch"] = round(gets / (shards * max(1.0, epochs)), 3)
+            elif gets is not None:
+                row["server_gets"] = gets
+            results.append(row)
+    finally:
+        if server:
+            locals3.stop(server.pid)
+    return {
+        "machine": {**machine(), "libraries": library_versions(), "cuda": cuda},
+        "config": {
+            "samples": args.samples,
+            "train_size": args.train_size,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "warmup_batches": args.warmup,
+            "augmentation": "random crop 32 (pad 4), horizontal flip, normalise",
+            "dataset": "synthetic",
+        },
+        "results": results,
+    }
+
+
+def _train_shards(root: Path) -> int:
+    manifest = Manifest.from_json((root / MANIFEST_NAME).read_text())
+    return len(manifest.splits["train"].shards)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description="Loader-only throughput of every variant.")
+    p.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated (default: all)")
+    p.add_argument("--storage", default=",".join(STORAGES), help="comma-separated: local,s3,cos")
+    p.add_argument("--formats", default=",".join(ENCODINGS), help="comma-separated: jpg,png,raw")
+    p.add_argument("--workers", default="2", help="comma-separated worker counts (default: 2)")
+    p.add_argument("--samples", type=int, default=20_000, help="images per timed pass")
+    p.add_argument("--train-size", type=int, default=20_000, help="samples in each bench dataset")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes per variant; the median counts")
+    p.add_argument("--warmup", type=int, default=5, help="batches before timing")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per variant")
+    p.add_argument("--data-dir", default="data/bench")
+    p.add_argument("--out", default="results/bench")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
+
+    def body() -> None:
+        args.loaders = _csv(args.loaders, LOADERS, "loader")
+        args.storage = _csv(args.storage, STORAGES, "storage")
+        args.formats = _csv(args.formats, ENCODINGS, "format")
+        try:
+            args.workers = [int(w) for w in args.workers.split(",")]
+        except ValueError:
+            raise FeedrateError(f"--workers {args.workers!r}: expected comma-separated integers") from None
+        for name in ("samples", "train_size", "batch_size", "repeats"):
+            if getattr(args, name) < 1:
+                raise FeedrateError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        document = bench(args)
+        document["config"]["wall_s"] = round(time.perf_counter() - started, 1)
+        text = table(document["results"])
+        tmp = out / ".bench.json.tmp"
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+        tmp.replace(out / "bench.json")
+        (out / "bench.md").write_text(
+            "# Loader-only throughput\n\n"
+            f"{document['machine'].get('cpu_count')} CPUs, batch {args.batch_size}, "
+            f"{args.samples} images per pass, median of {args.repeats}; ratios to the torchvision "
+            "baseline (local, same workers) measured in this run.\n\n" + text
+        )
+        print(text)
+        print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+    run_cli("bench", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Loader-only throughput of one variant, in its own process: `python -m bench.measure ...` prints JSON.
+
+Each variant runs in a fresh process so that one loader's worker processes, thread pools and caches
+cannot slow or speed up the next. The loader is built first (not timed: that is set-up, and a remote
+fetch is reported in its own field), then iterated for `--warmup` batches, then timed over at least
+`--samples` images (continuing into further epochs when the split is smaller), `--repeats` times. On
+CUDA the clock is read after a synchronise, so asynchronous work is counted where it happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from feedrate.errors import FeedrateError
+from loaders import LoaderConfig, make_loader
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    loader_name: str,
+    data: str,
+    *,
+    batch_size: int,
+    workers: int,
+    samples: int,
+    warmup: int,
+    repeats: int,
+    device: str,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Median img/s of `repeats` timed passes over >= `samples` training images (augmented)."""
+    dev = torch.device(device)
+    cfg = LoaderConfig(
+        data=data,
+        split="train",
+        batch_size=batch_size,
+        train=True,
+        workers=workers,
+        device=device,
+        options=options or {},
+    )
+    t0 = time.perf_counter()
+    loader = make_loader(loader_name, cfg)
+    setup_s = time.perf_counter() - t0
+    epoch = 0
+    loader.set_epoch(epoch)
+    iterator = iter(loader)
+
+    def next_batch() -> tuple[Any, Any]:
+        nonlocal iterator, epoch
+        try:
+            return next(iterator)
+        except StopIteration:
+            epoch += 1
+            loader.set_epoch(epoch)
+            iterator = iter(loader)
+            return next(iterator)
+
+    for _ in range(warmup):
+        next_batch()
+    _sync(dev)
+    rates, seconds_list, counted = [], [], []
+    for _ in range(repeats):
+        n = 0
+        start = time.perf_counter()
+        while n < samples:
+            images, _labels = next_batch()
+            n += int(images.shape[0])
+        _sync(dev)
+        seconds = time.perf_counter() - start
+        rates.append(n / seconds)
+        seconds_list.append(seconds)
+        counted.append(n)
+    del iterator
+    middle = sorted(range(repeats), key=lambda i: rates[i])[repeats // 2]
+    return {
+        "img_per_s": statistics.median(rates),
+        "seconds": seconds_list[middle],
+        "samples": counted[middle],
+        "repeats_img_per_s": rates,
+        "setup_s": setup_s,
+        "decode_device": getattr(loader, "decode_device", "cpu"),
+        "downloads": [d.__dict__ for d in getattr(loader, "downloads", [])],
+        "stats": loader.stats(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bench.measure", description=__doc__)
+    p.add_argument("--loader", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--samples", type=int, default=20_000)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--options", default="{}", help="JSON dict of backend options")
+    args = p.parse_args(argv)
+    try:
+        result = measure(
+            args.loader,
+            args.data,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            samples=args.samples,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            device=args.device,
+            options=json.loads(args.options),
+        )
+    except FeedrateError as exc:
+        print(json.dumps({"skipped": str(exc)}))
+        sys.exit(0)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
