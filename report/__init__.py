@@ -1,0 +1,1 @@
+"""The report: summaries and plots of training runs (python -m report DIR...)."""

@@ -1,0 +1,181 @@
+"""Reading runs back: the seed CSV (the contract) first, run.json (how the run was made) beside it.
+
+Every figure the report shows can be recomputed from the CSV alone; run.json adds what the CSV cannot
+say (loader name, storage, workers, samples per epoch, dataset kind). A folder without run.json still
+reports, labelled by its directory name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from feedrate.errors import FeedrateError
+from feedrate.storage import scheme_of
+
+HEADER = ["type", "epoch", "start", "loading", "duration", "value1", "value2"]
+DOWNLOAD_TRAIN, DOWNLOAD_VAL = 10, 11
+TRAIN_EPOCH, VAL_EPOCH, TRAIN_BATCH = 0, 1, 2
+
+
+@dataclass
+class EpochRow:
+    epoch: int
+    start: float
+    loading: float
+    duration: float
+    top1: float | None
+    top5: float | None
+
+
+@dataclass
+class BatchRow:
+    epoch: int
+    batch: int
+    planned: int
+    loading: float  # cumulative since epoch start
+    duration: float  # cumulative since epoch start
+
+
+@dataclass
+class Run:
+    """One training run: its CSV rows and its run.json (possibly empty)."""
+
+    path: Path
+    downloads: list[tuple[int, float, float, int]] = field(default_factory=list)  # type, loading, dur, n
+    train: list[EpochRow] = field(default_factory=list)
+    val: list[EpochRow] = field(default_factory=list)
+    batches: list[BatchRow] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    suffix: str = ""  # set when two runs would otherwise share a label
+
+    # -- what the run was ---------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta.get("config", {})
+
+    @property
+    def loader(self) -> str:
+        return str(self.config.get("loader") or self.meta.get("loader", {}).get("name") or "?")
+
+    @property
+    def storage(self) -> str:
+        data = self.config.get("data")
+        return scheme_of(data).replace("file", "local") if data else "?"
+
+    @property
+    def emulate(self) -> float | None:
+        value = self.config.get("emulate")
+        return float(value) if value else None
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("dataset", {}).get("kind", "?"))
+
+    @property
+    def label(self) -> str:
+        return self.variant + self.suffix
+
+    @property
+    def variant(self) -> str:
+        if not self.meta:
+            return self.path.name
+        parts = [self.loader, self.storage, f"w{self.config.get('workers', '?')}"]
+        if self.emulate:
+            parts.append(f"emu{self.emulate:g}")
+        return "/".join(parts)
+
+    # -- figures --------------------------------------------------------------------------------------
+    def batch_rows(self, epoch: int) -> list[BatchRow]:
+        return [b for b in self.batches if b.epoch == epoch]
+
+    def au(self, epoch: int) -> float | None:
+        """Compute time / wall time over the epoch's batches, the first excluded (MLPerf Storage)."""
+        rows = self.batch_rows(epoch)
+        if len(rows) < 2:
+            return None
+        wall = rows[-1].duration - rows[0].duration
+        waited = rows[-1].loading - rows[0].loading
+        return (wall - waited) / wall if wall > 0 else None
+
+    def samples(self, epoch: int) -> int | None:
+        for entry in self.meta.get("epochs", []):
+            if entry.get("epoch") == epoch:
+                return entry.get("train", {}).get("samples")
+        return None
+
+    def img_per_s(self, epoch: int) -> float | None:
+        for entry in self.meta.get("epochs", []):
+            if entry.get("epoch") == epoch:
+                return entry.get("train", {}).get("img_per_s")
+        return None
+
+
+def _float(text: str) -> float | None:
+    return float(text) if text.strip() else None
+
+
+def read_csv(path: Path) -> Run:
+    run = Run(path=path.parent)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != HEADER:
+            raise FeedrateError(f"{path} is not a feedrate CSV: header {header}, expected {HEADER}")
+        for number, row in enumerate(reader, start=2):
+            if len(row) != len(HEADER):
+                raise FeedrateError(f"{path}:{number}: {len(row)} fields, expected {len(HEADER)}")
+            kind, epoch = int(row[0]), int(row[1])
+            start, loading, duration = float(row[2]), float(row[3]), float(row[4])
+            if kind in (DOWNLOAD_TRAIN, DOWNLOAD_VAL):
+                run.downloads.append((kind, loading, duration, int(float(row[5]))))
+            elif kind in (TRAIN_EPOCH, VAL_EPOCH):
+                entry = EpochRow(epoch, start, loading, duration, _float(row[5]), _float(row[6]))
+                (run.train if kind == TRAIN_EPOCH else run.val).append(entry)
+            elif kind == TRAIN_BATCH:
+                run.batches.append(BatchRow(epoch, int(row[5]), int(row[6]), loading, duration))
+            else:
+                raise FeedrateError(f"{path}:{number}: unknown row type {kind}")
+    return run
+
+
+def load_run(csv_path: Path) -> Run:
+    run = read_csv(csv_path)
+    meta = csv_path.parent / "run.json"
+    if meta.exists():
+        try:
+            run.meta = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            run.meta = {}
+    return run
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run under the given folders (a run folder itself included), sorted by label."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise FeedrateError(f"{path} does not exist")
+        if path.is_file() and path.suffix == ".csv":
+            found.append(path)
+        else:
+            found.extend(sorted(path.rglob("*.csv")))
+    runs = []
+    for csv_path in found:
+        with open(csv_path, newline="") as f:
+            first = f.readline().strip()
+        if first == ",".join(HEADER):
+            runs.append(load_run(csv_path))
+    if not runs:
+        raise FeedrateError(f"no feedrate CSV under {', '.join(str(p) for p in paths)}")
+    runs.sort(key=lambda r: (r.variant, str(r.path)))
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.variant] = counts.get(run.variant, 0) + 1
+    for run in runs:
+        if counts[run.variant] > 1:
+            run.suffix = f" ({run.path.name})"
+    return runs

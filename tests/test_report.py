@@ -1,0 +1,103 @@
+"""The report on hand-made CSVs (known figures) and on real short runs of train.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from feedrate.errors import FeedrateError
+from report.__main__ import build_report, main
+from report.runs import find_runs
+
+HEADER = "type,epoch,start,loading,duration,value1,value2\n"
+
+
+def _write_run(
+    folder: Path, loader: str, workers: int, emulate: float | None, batches: list[tuple[float, float]]
+):
+    """A run whose batches take (loading, step) seconds each, one epoch, plus run.json."""
+    folder.mkdir(parents=True)
+    lines = [HEADER, "10,0,1700000000.000000,0.500000,0.750000,1000,\n"]
+    cum_l = cum_d = 0.0
+    for i, (load, step) in enumerate(batches, start=1):
+        cum_l += load
+        cum_d += load + step
+        lines.append(f"2,1,1700000001.000000,{cum_l:.6f},{cum_d:.6f},{i},{len(batches)}\n")
+    lines.append(f"0,1,1700000001.000000,{cum_l:.6f},{cum_d:.6f},0.500000,0.900000\n")
+    lines.append("1,1,1700000009.000000,0.100000,1.000000,0.600000,0.950000\n")
+    (folder / "train.csv").write_text("".join(lines))
+    meta = {
+        "config": {"loader": loader, "data": "s3://b/ds", "workers": workers, "emulate": emulate},
+        "dataset": {"kind": "synthetic"},
+        "epochs": [{"epoch": 1, "train": {"samples": 100 * len(batches)}}],
+    }
+    (folder / "run.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    # First batch (excluded from AU) is slow; then 1 s loading + 3 s step each: AU = 0.75.
+    _write_run(root / "a", "wds", 2, None, [(5.0, 1.0), (1.0, 3.0), (1.0, 3.0)])
+    # Emulated sweep for the tensor loader: AU 1.0 at 100 img/s, 0.5 at 1000 img/s.
+    _write_run(root / "e100", "tensor", 0, 100.0, [(2.0, 1.0), (0.0, 1.0), (0.0, 1.0)])
+    _write_run(root / "e1000", "tensor", 0, 1000.0, [(2.0, 1.0), (1.0, 1.0), (1.0, 1.0)])
+    return root
+
+
+def test_summary_figures_match_the_csv(runs_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    build_report([runs_dir], out)
+    with open(out / "summary.csv", newline="") as f:
+        rows = {r["run"].rsplit("/", 1)[-1]: r for r in csv.DictReader(f)}
+    a = rows["a"]
+    assert a["variant"] == "wds/s3/w2" and a["dataset_kind"] == "synthetic"
+    assert float(a["epoch_s"]) == pytest.approx(14.0)
+    assert float(a["loading_s"]) == pytest.approx(7.0)
+    assert float(a["data_wait_fraction"]) == pytest.approx(0.5)
+    assert float(a["au"]) == pytest.approx(0.75)
+    assert float(a["img_per_s"]) == pytest.approx(300 / 14.0)
+    assert float(a["train_top1"]) == 0.5 and float(a["val_top1"]) == 0.6 and float(a["val_top5"]) == 0.95
+    assert float(rows["e100"]["au"]) == pytest.approx(1.0)
+    assert float(rows["e1000"]["au"]) == pytest.approx(0.5)
+    md = (out / "summary.md").read_text()
+    assert "synthetic CIFAR-shaped data" in md
+    sweep_line = next(line for line in md.splitlines() if line.startswith("| tensor | s3 | 0 |"))
+    assert sweep_line.rstrip().endswith("| 100 |"), sweep_line
+
+
+def test_plots_are_real_images(runs_dir: Path, tmp_path: Path) -> None:
+    files = build_report([runs_dir], tmp_path / "r")
+    pngs = [f for f in files if f.suffix == ".png"]
+    assert len(pngs) == 4
+    for png in pngs:
+        pixels = np.asarray(Image.open(png).convert("L"))
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        assert pixels.std() > 5, f"{png.name} is not blank"
+
+
+def test_one_run_folder_and_duplicate_labels(runs_dir: Path, tmp_path: Path) -> None:
+    single = find_runs([runs_dir / "a"])
+    assert [r.label for r in single] == ["wds/s3/w2"]
+    _write_run(runs_dir / "a2", "wds", 2, None, [(1.0, 1.0), (1.0, 1.0)])
+    labels = [r.label for r in find_runs([runs_dir])]
+    assert len(labels) == len(set(labels)), labels
+
+
+def test_bad_inputs(tmp_path: Path, capsys) -> None:
+    with pytest.raises(FeedrateError, match="no feedrate CSV"):
+        find_runs([tmp_path])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.csv").write_text(HEADER + "2,1,0.0,0.1\n")
+    with pytest.raises(FeedrateError, match="4 fields, expected 7"):
+        find_runs([bad])
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
