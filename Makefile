@@ -88,10 +88,12 @@ s3-down: $(DEV_STAMP)
 	$(PY) -m feedrate.locals3 down
 
 bench: $(DEV_STAMP)
-	@echo "bench: not built yet (issue: compare loader variants)"; exit 2
+	$(PY) -m bench $(ARGS)
 
-compare: $(DEV_STAMP)
-	@echo "compare: not built yet (issue: compare loader variants)"; exit 2
+LOADERS ?= torchvision,wds,dali,tensor
+EMULATE ?= auto
+compare: $(DEV_STAMP) $(if $(filter data/shards,$(DATA)),data/shards/manifest.json)
+	$(PY) -m bench.compare --loaders $(LOADERS) --data "$(DATA)" --epochs $(EPOCHS) --workers $(WORKERS) --device $(DEVICE) --emulate $(EMULATE) $(ARGS)
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache
