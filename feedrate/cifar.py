@@ -160,7 +160,7 @@ def write_batch_dir(
         "num_vis": SAMPLE_BYTES,
     }
     with open(batch_dir / META_FILE, "wb") as f:
-        pickle.dump(meta, f, protocol=2)
+        pickle.dump(meta, f, protocol=4)
 
 
 def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label: str) -> None:
@@ -171,7 +171,7 @@ def _write_batch(path: Path, images: np.ndarray, labels: np.ndarray, label: str)
         "filenames": [f"{label.replace(' ', '_')}_{i:05d}.png" for i in range(len(images))],
     }
     with open(path, "wb") as f:
-        pickle.dump(entry, f, protocol=2)
+        pickle.dump(entry, f, protocol=4)
 
 
 # -- the official archive ----------------------------------------------------------------------------

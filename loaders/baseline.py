@@ -1,0 +1,122 @@
+"""The torchvision baseline: the seed's "built-in version provided by torchvision".
+
+Semantics of `torchvision.datasets.CIFAR10`: the split's python batches are unpickled into one uint8
+array, each sample becomes a PIL image, and a torchvision transform chain runs per sample (train:
+RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize; test: ToTensor, Normalize),
+batched by torch's DataLoader with `workers` processes. This is the per-sample Python path every other
+loader is compared with, so it stays deliberately plain.
+
+torchvision's own CIFAR10 class is not used: it checks the official md5 of every batch and refuses the
+synthetic and custom datasets shardgen writes in the same layout. `CifarArrays` below is the same
+dataset without that check.
+
+The split is read by `loaders.batches.load_split`: in place for a local root, fetched (verified by
+sha256, recorded as a type 10/11 download) for `s3://` / `cos://`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torchvision import transforms
+
+from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
+from loaders.batches import load_split
+from loaders.shards import open_dataset
+
+
+def cifar_transform(train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """The per-sample transform chain of the classic CIFAR-10 recipe."""
+    steps: list[Callable] = []
+    if train:
+        steps += [transforms.RandomCrop(32, padding=CROP_PADDING), transforms.RandomHorizontalFlip()]
+    steps += [transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    return transforms.Compose(steps)
+
+
+class CifarArrays(Dataset):
+    """A map-style dataset over HWC uint8 images: a PIL image per sample, as torchvision's CIFAR10."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self.images[index])
+        return self.transform(image), int(self.labels[index])
+
+
+class TorchvisionLoader:
+    """DataLoader over the split's CIFAR python batches; yields device tensors (see loaders.base)."""
+
+    decode_device = "cpu"
+
+    def __init__(self, cfg: LoaderConfig) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.root = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
+        self._arrays = load_split(self.root, cfg.split, cfg.cache_dir)
+        self.downloads: list[Download] = self._arrays.downloads
+        images, labels = self._arrays.images, self._arrays.labels
+        self.dataset = CifarArrays(images, labels, cifar_transform(cfg.train))
+        # One generator drives both the shuffle and the workers' base seed, so reseeding it in
+        # set_epoch makes an epoch's order and augmentation a function of (seed, epoch).
+        self._generator = torch.Generator()
+        self._generator.manual_seed(cfg.seed)
+        self.sampler: torch.utils.data.Sampler
+        if cfg.world_size > 1:
+            # Each rank gets ceil(N / world_size) samples (DistributedSampler pads with repeats).
+            self.sampler = DistributedSampler(
+                self.dataset,
+                num_replicas=cfg.world_size,
+                rank=cfg.rank,
+                shuffle=cfg.train,
+                seed=cfg.seed,
+            )
+        elif cfg.train:
+            self.sampler = RandomSampler(self.dataset, generator=self._generator)
+        else:
+            self.sampler = SequentialSampler(self.dataset)
+        self.samples = len(self.sampler)
+        self._pin = self.device.type == "cuda"
+        self._loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            pin_memory=self._pin,
+            drop_last=False,
+            generator=self._generator,
+        )
+
+    # -- the loader protocol ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return batches_for(self.samples, self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self._loader:
+            yield (
+                images.to(self.device, non_blocking=self._pin),
+                labels.to(self.device, non_blocking=self._pin),
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffle: the same (seed, epoch) gives the same order.
+
+        With workers the augmentation repeats too (each worker's seed derives from this generator); with
+        `workers=0` it draws from torch's global generator, which train.py seeds once per run.
+        """
+        self._generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def stats(self) -> dict[str, int]:
+        return self._arrays.stats(self.root)
