@@ -101,3 +101,37 @@ def test_bad_inputs(tmp_path: Path, capsys) -> None:
         main([str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_on_real_short_runs(tiny_dataset: Path, tmp_path: Path) -> None:
+    import train
+
+    runs = tmp_path / "runs"
+    common = ["--data", str(tiny_dataset), "--epochs", "2", "--batch-size", "64", "--workers", "0"]
+    assert (
+        train.main(["--loader", "torchvision", *common, "--arch", "small", "--out", str(runs / "model")]) == 0
+    )
+    assert train.main(["--loader", "tensor", *common, "--emulate", "50000", "--out", str(runs / "emu")]) == 0
+    files = build_report([runs], tmp_path / "report")
+    with open(tmp_path / "report" / "summary.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["variant"], r["epoch"]) for r in table] == [
+        ("tensor/local/w0/emu50000", "1"),
+        ("tensor/local/w0/emu50000", "2"),
+        ("torchvision/local/w0", "1"),
+        ("torchvision/local/w0", "2"),
+    ]
+    # The summary's figures are the CSV's: epoch time and loading of each type 0 row.
+    for row in table:
+        run_csv = Path(row["run"]) / "train.csv"
+        with open(run_csv, newline="") as f:
+            epoch_rows = [r for r in csv.DictReader(f) if r["type"] == "0" and r["epoch"] == row["epoch"]]
+        assert float(row["epoch_s"]) == pytest.approx(float(epoch_rows[0]["duration"]), abs=1e-6)
+        assert float(row["loading_s"]) == pytest.approx(float(epoch_rows[0]["loading"]), abs=1e-6)
+        run_json = json.loads((Path(row["run"]) / "run.json").read_text())
+        au = run_json["epochs"][int(row["epoch"]) - 1]["train"]["au"]
+        assert float(row["au"]) == pytest.approx(au, abs=1e-6), "AU is run.json's (it times the step)"
+        run = find_runs([Path(row["run"])])[0]
+        assert run.au_from_csv(int(row["epoch"])) >= au - 1e-6, "the CSV estimate is an upper bound"
+    assert table[2]["train_top1"] != "" and table[0]["train_top1"] == ""
+    assert all(f.stat().st_size > 0 for f in files)
