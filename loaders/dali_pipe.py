@@ -1,0 +1,346 @@
+"""The `dali` loader: NVIDIA DALI decodes and augments; batches arrive as torch tensors on the device.
+
+On a GPU, jpg is decoded by nvJPEG (`decoders.image` on device "mixed"), and crop, flip and
+normalisation run on the GPU; DALI's buffers become torch tensors through DLPack, without a trip through
+host memory. Without a GPU, or with `device="cpu"`, the same graph runs on DALI's CPU operators
+(`device_id=None`). The graph itself is in loaders.dali_ops; this module finds the shards, owns the
+pipeline's lifetime and epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
+
+Shards are always read from local disk by DALI's webdataset reader, with shardgen's index files:
+- a local dataset: the files in place;
+- `s3://` / `cos://`: every shard and index file of the split is first copied whole into a cache
+  directory (`cache_dir`, else a temporary one that lives as long as the loader), one GET per file,
+  verified against the manifest's sha256 by the shared `ShardCache`. The fetch is recorded as a
+  `Download` (CSV type 10 / 11). DALI's own `s3://` reading was not used: it issues about three ranged
+  GETs per sample (168 img/s against a local endpoint).
+
+Epochs are exact: every sample of this rank's part exactly once, the last batch partial, `len()` the
+same every epoch (see loaders.dali_ops for the reader settings that make this so). DALI cannot restart a
+pipeline in the middle of an epoch, so an epoch the caller abandons (train.py's --max-batches) is not
+continued: the next `__iter__` builds a fresh pipeline, seeded by (seed, epoch), at a cost of tens of
+milliseconds on the CPU. Epochs that run to the end go on with the same pipeline, whose reader
+reshuffles by itself.
+
+Knobs (`LoaderConfig.options`): threads (default: workers, else 2), prefetch (queue depth, default 2),
+initial_fill (shuffle buffer, default 4096), hw_decoder_load (0-1, default 0.65).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from feedrate.errors import FeedrateError
+from loaders.base import Download, LoaderConfig, batches_for
+from loaders.shards import DatasetRoot, ShardCache, ShardRef, local_path, open_dataset
+
+PACKAGE = "nvidia-dali-cuda120"
+FETCH_THREADS = 8  # concurrent whole-file GETs when filling the cache
+
+
+class DaliError(FeedrateError):
+    """DALI could not read or decode the data (the message carries DALI's own reason)."""
+
+
+@dataclass(frozen=True)
+class DaliOptions:
+    """The backend's knobs, validated. Defaults were chosen by measurement (scripts/bench_dali.py)."""
+
+    threads: int = 2
+    prefetch: int = 2
+    initial_fill: int = 4096
+    hw_decoder_load: float = 0.65
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "prefetch", "initial_fill"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FeedrateError(f"dali option {name}={value!r} must be an integer >= 1")
+        load = self.hw_decoder_load
+        if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0.0 <= load <= 1.0:
+            raise FeedrateError(f"dali option hw_decoder_load={self.hw_decoder_load!r} must be in [0, 1]")
+
+    @classmethod
+    def from_config(cls, options: Mapping[str, Any], workers: int) -> DaliOptions:
+        """Options from `LoaderConfig.options`; `threads` defaults to the worker count (else 2)."""
+        accepted = tuple(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise FeedrateError(f"unknown dali option {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+        merged = {"threads": workers or cls.threads} | dict(options)
+        return cls(**merged)
+
+
+def import_dali() -> ModuleType:
+    """loaders.dali_ops, after checking that DALI and its PyTorch plugin import here."""
+    try:
+        importlib.import_module("nvidia.dali")
+        importlib.import_module("nvidia.dali.plugin.pytorch")
+    except (ImportError, OSError) as exc:
+        raise FeedrateError(
+            f"loader 'dali' needs NVIDIA DALI, which does not import here ({exc}); "
+            f"install it with: pip install {PACKAGE} (Linux x86-64 or aarch64)"
+        ) from None
+    return importlib.import_module("loaders.dali_ops")
+
+
+def parse_labels(padded: np.ndarray, num_classes: int) -> np.ndarray:
+    """Integer labels from `.cls` bytes: ASCII digits, NUL-padded at the end, one row per sample.
+
+    Horner's rule column by column over the whole batch (a row's digits end where its padding starts),
+    so a label of any number of digits parses; anything that is not a class index is an error.
+    """
+    if padded.ndim != 2 or padded.shape[1] < 1:
+        raise DaliError(f"label bytes have shape {padded.shape}; expected (batch, width)")
+    present = padded != 0
+    digits = padded.astype(np.int64) - ord("0")
+    bad = ~present[:, 0] | (present & ((digits < 0) | (digits > 9))).any(axis=1)
+    bad |= (present[:, 1:] & ~present[:, :-1]).any(axis=1)  # a NUL inside the text
+    if bad.any():
+        text = bytes(padded[int(np.flatnonzero(bad)[0])]).rstrip(b"\0")
+        raise DaliError(f"a .cls member holds {text!r}; expected ASCII digits (a class index)")
+    labels = digits[:, 0]
+    for column in range(1, padded.shape[1]):
+        more = present[:, column]
+        if not more.any():
+            break
+        labels = np.where(more, labels * 10 + digits[:, column], labels)
+    out_of_range = labels >= num_classes
+    if out_of_range.any():
+        value = int(labels[np.flatnonzero(out_of_range)[0]])
+        raise DaliError(f"label {value} is outside the dataset's classes 0..{num_classes - 1}")
+    return labels
+
+
+def rank_samples(total: int, rank: int, world_size: int) -> int:
+    """This rank's samples: DALI's reader gives part i of n samples [floor(N i / n), floor(N (i+1) / n))."""
+    return total * (rank + 1) // world_size - total * rank // world_size
+
+
+def _reason(exc: BaseException) -> str:
+    """What a DALI error says went wrong, without the traceback of the graph it wraps it in."""
+    text = str(exc)
+    operator = re.search(r"operator `(?:nvidia\.dali\.)?([^`]+)`", text)
+    cause = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    lines = [ln.strip() for ln in cause.splitlines() if ln.strip() and "no longer valid" not in ln]
+    reason = " ".join(lines[:3]) or type(exc).__name__
+    return f"{operator.group(1)}: {reason}" if operator else reason
+
+
+def _seed(*parts: int) -> int:
+    """A DALI seed (31 bits) from integers: the same parts give the same seed everywhere."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0]) >> 1
+
+
+class DaliLoader:
+    """A DALI pipeline over a split's shards; yields `(images, labels)` on `cfg.device` (loaders.base)."""
+
+    def __init__(self, cfg: LoaderConfig) -> None:
+        self._ops = import_dali()
+        self.cfg = cfg
+        self.options = DaliOptions.from_config(cfg.options, cfg.workers)
+        self.device = torch.device(cfg.device)
+        device_id = self._device_id()
+        self.root: DatasetRoot = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
+        manifest = self.root.manifest
+        if manifest.encoding not in self._ops.ENCODINGS:
+            raise FeedrateError(
+                f"{self.root.url} is encoded as {manifest.encoding!r}; the dali loader reads "
+                f"{', '.join(self._ops.ENCODINGS)}"
+            )
+        refs = self.root.shards(cfg.split)
+        total = sum(ref.samples for ref in refs)
+        self.samples = rank_samples(total, cfg.rank, cfg.world_size)
+        if self.samples < 1:
+            raise FeedrateError(
+                f"rank {cfg.rank} of {cfg.world_size} gets no samples: the {cfg.split} split has {total}"
+            )
+        self.num_classes = len(manifest.class_names)
+        if device_id is None:
+            self.decode_device = "cpu"
+        else:  # raw needs no decoding: its crop, flip and normalisation run on the GPU
+            self.decode_device = "cuda" if manifest.encoding == "raw" else "mixed"
+        self.downloads: list[Download] = []
+        self._cache: ShardCache | None = None
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        self._local_bytes = 0
+        self._local_files = 0
+
+        start, t0 = time.time(), time.perf_counter()
+        paths, index_paths = self._shard_files(refs)
+        fetched = time.perf_counter() - t0
+        self._spec = self._ops.GraphSpec(
+            paths=tuple(str(p) for p in paths),
+            index_paths=tuple(str(p) for p in index_paths),
+            encoding=manifest.encoding,
+            train=cfg.train,
+            batch_size=cfg.batch_size,
+            threads=self.options.threads,
+            prefetch=self.options.prefetch,
+            initial_fill=self.options.initial_fill,
+            seed=0,  # set per pipeline by _build
+            order_seed=0,
+            shard_id=cfg.rank,
+            num_shards=cfg.world_size,
+            device_id=device_id,
+            hw_decoder_load=float(self.options.hw_decoder_load),
+        )
+        self._epoch = 0
+        self._pipe: Any = None
+        self._iterator: Any = None
+        self._fresh = False  # the current pipeline is at the start of an epoch
+        self._build()
+        if self._cache is not None:
+            self.downloads.append(
+                Download(cfg.split, start, fetched, time.perf_counter() - t0, sum(r.samples for r in refs))
+            )
+
+    # -- setup ----------------------------------------------------------------------------------------
+    def _device_id(self) -> int | None:
+        if self.device.type == "cpu":
+            return None
+        if self.device.type != "cuda":
+            raise FeedrateError(f"the dali loader runs on cpu or cuda, not {self.cfg.device!r}")
+        if not torch.cuda.is_available():
+            raise FeedrateError(f"device {self.cfg.device!r} was asked for but torch sees no CUDA GPU")
+        return self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    def _shard_files(self, refs: list[ShardRef]) -> tuple[list[Path], list[Path]]:
+        """Local tar and index paths: in place for a local dataset, else fetched whole into the cache."""
+        if local_path(self.root, refs[0].name) is not None:
+            return [self._local(r.name, r.bytes) for r in refs], [
+                self._local(r.index_name, r.index_bytes) for r in refs
+            ]
+        if self.cfg.cache_dir:
+            # one directory per dataset URL: two datasets with equal shard names never evict each other
+            key = hashlib.sha256(self.root.url.encode()).hexdigest()[:16]
+            cache_dir = Path(self.cfg.cache_dir) / f"dali-{key}"
+        else:
+            self._scratch = tempfile.TemporaryDirectory(prefix="feedrate-dali-")
+            cache_dir = Path(self._scratch.name)
+        cache = self._cache = ShardCache(self.root.store, cache_dir)
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, 2 * len(refs))) as pool:
+            shards = pool.map(cache.shard, refs)
+            indexes = pool.map(cache.index, refs)
+            return list(shards), list(indexes)
+
+    def _local(self, name: str, size: int) -> Path:
+        path = local_path(self.root, name)
+        assert path is not None  # only called for local datasets
+        try:
+            found = path.stat().st_size
+        except FileNotFoundError:
+            raise FeedrateError(f"{path} is missing; the manifest of {self.root.url} lists it") from None
+        if found != size:
+            raise FeedrateError(f"{path} has {found} bytes; the manifest says {size}")
+        self._local_bytes += size
+        self._local_files += 1
+        return path
+
+    def _build(self) -> None:
+        """A fresh pipeline at the start of epoch `self._epoch` (the old one, if any, is released)."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self._iterator = self._pipe = None
+        spec = dataclasses.replace(
+            self._spec,
+            seed=_seed(self.cfg.seed, self._epoch, self.cfg.rank, 0xDA11),
+            order_seed=_seed(self.cfg.seed, self._epoch, 0x0DE4),
+        )
+        try:
+            self._pipe = self._ops.build_pipeline(spec)
+        except RuntimeError as exc:
+            raise DaliError(
+                f"DALI cannot read the {self.cfg.split} shards of {self.root.url}: {_reason(exc)}"
+            ) from None
+        # PARTIAL: the last batch keeps only real samples (the reader's padding is cut off here)
+        self._iterator = DALIGenericIterator(
+            self._pipe,
+            list(self._ops.OUTPUT_NAMES),
+            reader_name=self._ops.READER_NAME,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            auto_reset=True,
+            prepare_first_batch=False,
+        )
+        self._fresh = True
+
+    # -- the loader protocol --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return batches_for(self.samples, self.cfg.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self._fresh:
+            self._build()  # the last epoch was abandoned part-way: DALI cannot rewind
+        self._fresh = False
+        left = self.samples
+        while left > 0:
+            out = self._next()
+            if out is None:
+                raise DaliError(f"DALI ended the epoch {left} samples early (expected {self.samples})")
+            images, labels = out
+            left -= images.shape[0]
+            if left == 0:
+                self._finish_epoch()  # before the last yield: a caller may stop right after it
+            yield images, labels
+
+    def _advance(self) -> dict[str, torch.Tensor] | None:
+        """DALI's next batch as a dict of torch tensors, or None at the end of the epoch."""
+        try:
+            return next(self._iterator)[0]
+        except StopIteration:
+            return None
+        except RuntimeError as exc:
+            self._fresh = False  # a failed pipeline is not reused
+            raise DaliError(
+                f"DALI failed on the {self.cfg.split} shards of {self.root.url}: {_reason(exc)}"
+            ) from None
+
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The next non-empty batch of this epoch, or None at its end."""
+        while (out := self._advance()) is not None:
+            images = out["images"]
+            if images.shape[0] == 0:
+                continue  # only padding: a shorter rank's extra batch
+            labels = torch.from_numpy(parse_labels(out["labels"].numpy(), self.num_classes))
+            if self.device.type == "cuda":
+                labels = labels.pin_memory().to(self.device, non_blocking=True)
+            return images, labels
+        return None
+
+    def _finish_epoch(self) -> None:
+        """Run the reader to its epoch end (padding only is left), so the next epoch starts clean."""
+        while (out := self._advance()) is not None:
+            if out["images"].shape[0]:
+                raise DaliError(f"DALI yielded more than the {self.samples} samples of this epoch")
+        self._fresh = True
+        self._epoch += 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the next pipeline built with (seed, epoch). A pipeline that finished its last epoch goes
+        on: its reader reshuffles every epoch by itself, deterministically from the seeds it was built
+        with."""
+        self._epoch = epoch
+
+    def stats(self) -> dict[str, int]:
+        counters = self.root.store.counters
+        return {
+            "bytes_read": counters.bytes_read + self._local_bytes,
+            "requests": counters.requests + self._local_files,
+            "retries": int(getattr(counters, "retries", 0)),
+            "cache_hits": self._cache.hits if self._cache else 0,
+            "cache_misses": self._cache.misses if self._cache else 0,
+            "skipped": 0,
+        }

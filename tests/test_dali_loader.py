@@ -1,0 +1,513 @@
+"""The DALI loader through DALI's real CPU pipeline, on real shards (local disk and the local S3 server).
+
+The lossless datasets here draw every image as flat colour planes that name the sample: red = index
+mod 256, green = index div 256, blue = label. Crop-pad-4 keeps the centre pixel inside the image and a
+flip keeps it too, so every yielded pair can be traced back to its sample, augmented or not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from feedrate.cifar import BATCH_DIR, write_batch_dir
+from feedrate.errors import FeedrateError
+from loaders import CIFAR10_MEAN, CIFAR10_STD, Loader, LoaderConfig, make_loader
+from loaders.dali_pipe import DaliError, DaliOptions, parse_labels, rank_samples
+from shardgen import ShardgenConfig, build
+
+needs_dali = pytest.mark.skipif(
+    importlib.util.find_spec("nvidia.dali") is None, reason="DALI is not installed"
+)
+NUM_CLASSES = 120  # labels of one, two and three digits
+MEAN = torch.tensor(CIFAR10_MEAN)[:, None, None]
+STD = torch.tensor(CIFAR10_STD)[:, None, None]
+
+
+def label_of(index: np.ndarray | int) -> np.ndarray | int:
+    return (index * 7 + 3) % NUM_CLASSES
+
+
+def flat_images(count: int) -> np.ndarray:
+    index = np.arange(count)
+    images = np.empty((count, 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = (index % 256)[:, None, None]
+    images[..., 1] = (index // 256)[:, None, None]
+    images[..., 2] = label_of(index)[:, None, None]
+    return images
+
+
+def gradient_images(count: int) -> np.ndarray:
+    """Red names the sample; green and blue grow along x and y, so a shift or a flip shows."""
+    images = np.empty((count, 32, 32, 3), dtype=np.uint8)
+    images[..., 0] = np.arange(count)[:, None, None]
+    images[..., 1] = (8 * np.arange(32) + 4)[None, None, :]
+    images[..., 2] = (8 * np.arange(32) + 4)[None, :, None]
+    return images
+
+
+def write_dataset(root: Path, images: np.ndarray, fmt: str, shard_size: int, num_classes: int) -> Path:
+    """`images` as the training split (labels from `label_of`) through shardgen's `--source PATH`."""
+    labels = np.asarray(label_of(np.arange(len(images))), dtype=np.int64) % num_classes
+    source = root / "source" / BATCH_DIR
+    splits = {"train": (images, labels), "test": (images[:7], labels[:7])}
+    write_batch_dir(source, splits, [f"class{i}" for i in range(num_classes)], label="test")
+    dest = root / "ds"
+    build(
+        ShardgenConfig(
+            dest=str(dest), source=str(source), fmt=fmt, shard_size=shard_size, allow_download=False
+        )
+    )
+    return dest
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Lossless sets of 53 samples: raw in 1, 2 and 5 shards, png in 5 (11+11+11+11+9)."""
+    made = {}
+    for name, fmt, shard_size in (
+        ("raw1", "raw", 53),
+        ("raw2", "raw", 27),
+        ("raw5", "raw", 11),
+        ("png5", "png", 11),
+    ):
+        made[name] = write_dataset(
+            tmp_path_factory.mktemp(name), flat_images(53), fmt, shard_size, NUM_CLASSES
+        )
+    made["grad"] = write_dataset(
+        tmp_path_factory.mktemp("grad"), gradient_images(200), "raw", 100, NUM_CLASSES
+    )
+    return made
+
+
+def dali(data: str | Path, split: str = "train", **kwargs: object) -> Loader:
+    settings: dict = {"batch_size": 8, "train": split == "train", "workers": 1} | kwargs
+    return make_loader("dali", LoaderConfig(data=str(data), split=split, **settings))
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """Normalised float images back to 0-255 integers."""
+    return torch.round(images * STD * 255 + MEAN * 255).to(torch.int64)
+
+
+def identities(images: torch.Tensor) -> torch.Tensor:
+    centre = pixels(images[:, :, 16, 16][:, :, None, None])[:, :, 0, 0]
+    return centre[:, 0] + 256 * centre[:, 1]
+
+
+def run_epoch(loader: Loader) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Images, labels and batch sizes of one whole epoch."""
+    xs, ys = [], []
+    for x, y in loader:
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys), [len(y) for y in ys]
+
+
+@needs_dali
+@pytest.mark.parametrize("name", ["raw1", "raw2", "raw5", "png5"])
+def test_every_sample_once_per_epoch_with_its_own_label(datasets: dict[str, Path], name: str) -> None:
+    ld = dali(datasets[name], seed=3)
+    assert isinstance(ld, Loader)
+    assert (ld.samples, len(ld), ld.decode_device, ld.downloads) == (53, 7, "cpu", [])
+    orders = []
+    for e in (1, 2, 3):
+        ld.set_epoch(e)
+        images, labels, sizes = run_epoch(ld)
+        assert sizes == [8] * 6 + [5]  # partial last batch, never padded with repeats
+        ids = identities(images)
+        assert sorted(ids.tolist()) == list(range(53))
+        assert torch.equal(labels, torch.as_tensor(label_of(ids.numpy())))
+        assert torch.equal(labels, pixels(images)[:, 2, 16, 16])  # the label drawn into the image
+        orders.append(ids.tolist())
+    assert orders[0] != list(range(53)) and orders[0] != orders[1]  # shuffled, anew each epoch
+
+
+@needs_dali
+@pytest.mark.parametrize(("name", "world"), [("raw5", 3), ("raw2", 2), ("raw1", 4)])
+@pytest.mark.parametrize("train", [True, False])
+def test_ranks_read_disjoint_parts_that_cover_the_split(
+    datasets: dict[str, Path], name: str, world: int, train: bool
+) -> None:
+    ranks = [dali(datasets[name], train=train, rank=r, world_size=world, batch_size=4) for r in range(world)]
+    assert [ld.samples for ld in ranks] == [rank_samples(53, r, world) for r in range(world)]
+    assert sum(ld.samples for ld in ranks) == 53
+    for e in (1, 2):
+        seen: list[int] = []
+        for ld in ranks:
+            ld.set_epoch(e)
+            images, labels, sizes = run_epoch(ld)
+            assert len(sizes) == len(ld) and sum(sizes) == ld.samples
+            ids = identities(images)
+            assert torch.equal(labels, torch.as_tensor(label_of(ids.numpy())))
+            seen += ids.tolist()
+        assert sorted(seen) == list(range(53))
+
+
+@needs_dali
+def test_evaluation_is_the_stored_order_without_augmentation(datasets: dict[str, Path]) -> None:
+    ld = dali(datasets["raw5"], train=False)
+    first, labels, _ = run_epoch(ld)
+    again, _, _ = run_epoch(ld)
+    assert torch.equal(first, again)
+    ids = identities(first)
+    want = torch.from_numpy(flat_images(53)[ids.numpy()]).permute(0, 3, 1, 2)
+    assert torch.equal(pixels(first), want)  # every pixel: nothing cropped, padded or flipped
+    assert torch.equal(labels, torch.as_tensor(label_of(ids.numpy())))
+
+
+@needs_dali
+def test_augmentation_is_a_zero_padded_crop_and_a_flip(datasets: dict[str, Path]) -> None:
+    """Each output is exactly one of the 162 crop-pad-4 x flip variants of its source image."""
+    ld = dali(datasets["grad"], batch_size=64, seed=1)
+    images, _, _ = run_epoch(ld)
+    source = torch.from_numpy(gradient_images(200)).permute(0, 3, 1, 2).to(torch.int64)
+    padded = torch.nn.functional.pad(source, (4, 4, 4, 4))  # zeros, as RandomCrop(32, padding=4)
+    got = pixels(images)
+    used = set()
+    for out in got:
+        src = padded[int(out[0, 16, 16])]
+        windows = {(dy, dx): src[:, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)}
+        match = [
+            (dy, dx, flip)
+            for (dy, dx), window in windows.items()
+            for flip in (False, True)
+            if torch.equal(out, window.flip(-1) if flip else window)
+        ]
+        assert match, "an output that no crop/flip of its source explains"
+        used.add(match[0])
+    flips = {m[2] for m in used}
+    assert flips == {False, True} and len({m[:2] for m in used}) > 20  # all kinds of offsets, both flips
+
+
+@needs_dali
+def test_jpg_decodes_close_to_pil(tmp_path: Path) -> None:
+    root = tmp_path / "jpg"
+    build(
+        ShardgenConfig(
+            dest=str(root),
+            source="synthetic",
+            fmt="jpg",
+            shard_size=40,
+            synthetic_train=5,
+            synthetic_test=60,
+            allow_download=False,
+        )
+    )
+    images, labels, _ = run_epoch(dali(root, split="test"))
+    want_x, want_y = [], []
+    for shard in sorted(root.glob("test-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if member.name.endswith(".jpg"):
+                    want_x.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+                else:
+                    want_y.append(int(data))
+    assert labels.tolist() == want_y
+    pil = torch.from_numpy(np.stack(want_x)).permute(0, 3, 1, 2).to(torch.int64)
+    diff = (pixels(images) - pil).abs().float()
+    assert diff.mean() < 1.0 and diff.max() <= 16  # different IDCTs, the same image
+
+
+@needs_dali
+@pytest.mark.parametrize("scheme", ["s3", "cos"])
+def test_remote_shards_are_fetched_once_then_read_locally(
+    tiny_dataset: Path, s3_env, bucket: str, tmp_path: Path, scheme: str
+) -> None:
+    from feedrate.storage import open_store
+
+    store = open_store(f"{scheme}://{bucket}/ds")
+    for path in sorted(tiny_dataset.rglob("*")):
+        if path.is_file():
+            store.put_file(path, path.relative_to(tiny_dataset).as_posix())
+    shards = len(list(tiny_dataset.glob("train-*.tar")))
+    prefix = f"/{bucket}/ds/"
+    before = len(s3_env.requests("GET", prefix))
+    ld = dali(f"{scheme}://{bucket}/ds", batch_size=64, cache_dir=str(tmp_path / "cache"))
+    assert [(d.split, d.samples) for d in ld.downloads] == [("train", 600)]
+    assert ld.downloads[0].duration >= ld.downloads[0].loading > 0
+    labels = []
+    for e in (1, 2):
+        ld.set_epoch(e)
+        labels.append(run_epoch(ld)[1])
+    local = run_epoch(dali(tiny_dataset, batch_size=64))[1]
+    assert sorted(labels[0].tolist()) == sorted(labels[1].tolist()) == sorted(local.tolist())
+    gets = s3_env.requests("GET", prefix)[before:]
+    assert len(gets) <= 2 * shards + 3, gets  # a tar and an index per shard, the manifest, no more
+    assert ld.stats()["cache_misses"] == 2 * shards
+    # A second loader finds every file in the cache, verified by sha256: no shard is fetched again.
+    again = dali(f"{scheme}://{bucket}/ds", batch_size=64, cache_dir=str(tmp_path / "cache"))
+    assert again.stats()["cache_hits"] == 2 * shards and again.stats()["cache_misses"] == 0
+    assert not [
+        g for g in s3_env.requests("GET", prefix)[before + len(gets) :] if g.endswith((".tar", ".idx"))
+    ]
+
+
+@needs_dali
+def test_an_abandoned_epoch_does_not_leak_into_the_next(datasets: dict[str, Path]) -> None:
+    ld = dali(datasets["raw5"], seed=5)
+    batches = iter(ld)
+    next(batches)
+    next(batches)
+    batches.close()  # as train.py does with --max-batches
+    ld.set_epoch(2)
+    images, _, sizes = run_epoch(ld)
+    assert sorted(identities(images).tolist()) == list(range(53)) and len(sizes) == len(ld)
+
+
+@needs_dali
+def test_a_batch_larger_than_the_split(datasets: dict[str, Path]) -> None:
+    ld = dali(datasets["raw2"], batch_size=256)
+    assert len(ld) == 1
+    for _ in range(2):
+        images, _, sizes = run_epoch(ld)
+        assert sizes == [53] and sorted(identities(images).tolist()) == list(range(53))
+
+
+def test_labels_parse_as_integers_of_any_length() -> None:
+    rows = [b"7", b"12", b"0", b"119", b"1234567890"]
+    width = max(len(r) for r in rows) + 2
+    padded = np.array([list(r.ljust(width, b"\0")) for r in rows], dtype=np.uint8)
+    assert parse_labels(padded, 10**10).tolist() == [7, 12, 0, 119, 1234567890]
+    with pytest.raises(DaliError, match=r"outside the dataset's classes 0\.\.99"):
+        parse_labels(padded, 100)
+    for bad in (b"3\n", b"", b"x"):
+        row = np.array([list(bad.ljust(4, b"\0"))], dtype=np.uint8)
+        with pytest.raises(DaliError, match="expected ASCII digits"):
+            parse_labels(row, 10)
+
+
+def test_options_are_validated() -> None:
+    assert DaliOptions.from_config({}, workers=0).threads == 2
+    assert DaliOptions.from_config({"prefetch": 3}, workers=4) == DaliOptions(threads=4, prefetch=3)
+    with pytest.raises(FeedrateError, match="unknown dali option speed; accepted: threads, prefetch"):
+        DaliOptions.from_config({"speed": 1}, workers=2)
+    with pytest.raises(FeedrateError, match="prefetch=0 must be an integer >= 1"):
+        DaliOptions.from_config({"prefetch": 0}, workers=2)
+
+
+def test_a_clear_error_when_dali_is_missing(
+    datasets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [m for m in sys.modules if m == "nvidia.dali" or m.startswith("nvidia.dali.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import nvidia.dali...` now fails
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(FeedrateError, match=r"needs NVIDIA DALI.*pip install nvidia-dali-cuda120"):
+        dali(datasets["raw1"])
+
+
+@needs_dali
+def test_cuda_without_a_gpu_is_refused(datasets: dict[str, Path]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(FeedrateError, match="torch sees no CUDA GPU"):
+        dali(datasets["raw1"], device="cuda")
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@needs_dali
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("name", ["raw5", "png5"])
+def test_gpu_pipeline_yields_cuda_batches_once_per_epoch(datasets: dict[str, Path], name: str) -> None:
+    ld = dali(datasets[name], device="cuda", seed=2)
+    assert ld.decode_device == ("cuda" if name.startswith("raw") else "mixed")
+    for e in (1, 2):
+        ld.set_epoch(e)
+        images, labels, sizes = run_epoch(ld)
+        assert images.is_cuda and labels.is_cuda and sizes == [8] * 6 + [5]
+        ids = identities(images.cpu())
+        assert sorted(ids.tolist()) == list(range(53))
+        assert torch.equal(labels.cpu(), torch.as_tensor(label_of(ids.numpy())))
+
+
+@needs_dali
+@pytest.mark.gpu
+@gpu
+def test_gpu_jpg_decode_matches_the_cpu_decode(tmp_path: Path) -> None:
+    root = tmp_path / "jpg"
+    build(
+        ShardgenConfig(
+            dest=str(root),
+            source="synthetic",
+            fmt="jpg",
+            shard_size=50,
+            synthetic_train=5,
+            synthetic_test=100,
+            allow_download=False,
+        )
+    )
+    on_gpu = dali(root, split="test", device="cuda")
+    assert on_gpu.decode_device == "mixed"
+    gx, gy, _ = run_epoch(on_gpu)
+    cx, cy, _ = run_epoch(dali(root, split="test"))
+    assert torch.equal(gy.cpu(), cy)
+    assert (pixels(gx.cpu()) - pixels(cx)).abs().float().mean() < 1.0
+
+
+# -- scripts/gpu_check.sh: what can be checked without a GPU ----------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gpu_check_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def wheel_of(package: str, dest: Path) -> Path:
+    """A wheel rebuilt from an installed pure-Python package (its files and its dist-info)."""
+    import importlib.metadata
+    import zipfile
+
+    dist = importlib.metadata.distribution(package)
+    name = f"{package}-{dist.version}-py3-none-any.whl"
+    with zipfile.ZipFile(dest / name, "w") as zf:
+        for file in dist.files or []:
+            path = Path(str(dist.locate_file(file)))
+            if path.is_file() and "__pycache__" not in file.parts:
+                zf.write(path, str(file))
+    return dest / name
+
+
+def test_gpu_check_installs_from_wheels_and_skips_a_loader_that_does_not_import(tmp_path: Path) -> None:
+    blockers = tmp_path / "blockers"
+    (blockers / "nvidia").mkdir(parents=True)
+    (blockers / "nvidia" / "__init__.py").write_text("raise ImportError('no DALI on this node')\n")
+    (blockers / "braceexpand.py").write_text("raise ImportError('not installed')\n")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    wheel_of("braceexpand", wheels)
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(blockers),
+        "WHEELS_DIR": str(wheels),
+        "GPU_CHECK_DIR": str(tmp_path / "check"),
+        "DRY_RUN": "1",
+        "LOADERS": "torchvision,dali",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "installed braceexpand from" in done.stdout
+    assert "no usable wheel for nvidia-dali-cuda120" in done.stdout
+    assert (tmp_path / "check" / "site" / "braceexpand").exists()
+    assert "dali: skipped (nvidia.dali does not import (ImportError: no DALI on this node)" in done.stdout
+    assert "-m shardgen --dest" in done.stdout
+    assert re.search(
+        r"would run: \S+ \S+/train.py --loader torchvision .*--device cuda .*--max-batches 50", done.stdout
+    )
+
+
+def test_gpu_check_refuses_a_python_without_torch(tmp_path: Path) -> None:
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "GPU_CHECK_DIR": str(tmp_path / "check")}
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "cannot import torch and torchvision" in done.stderr
+
+
+def test_gpu_check_table_comes_from_run_json(tmp_path: Path) -> None:
+    gc = gpu_check_module()
+    run = tmp_path / "dali"
+    run.mkdir()
+    epoch = {"img_per_s": 20000.0, "data_wait_fraction": 0.012, "au": 0.987}
+    doc = {
+        "status": "complete",
+        "loader": {"name": "dali", "decode_device": "mixed"},
+        "device": {"name": "NVIDIA H100"},
+        "epochs": [{"train": {"img_per_s": 1.0}}, {"train": epoch}],
+        "summary": {"img_per_s": 5.0},
+    }
+    (run / "run.json").write_text(json.dumps(doc))
+    row = gc.read_run(run, gc.Row("dali"))
+    assert (row.decode, row.img_per_s, row.data_wait, row.au, row.status) == (
+        "mixed",
+        20000.0,
+        0.012,
+        0.987,
+        "ok",
+    )
+    table = gc.format_table([row, gc.Row("tensor", status="skipped", note="not built yet")])
+    assert re.search(r"dali\s+mixed\s+20000\s+1\.2%\s+98\.7%", table)
+    assert re.search(r"tensor\s+-\s+-\s+-\s+-\s+skipped: not built yet", table)
+    (run / "run.json").write_text(json.dumps(doc | {"status": "interrupted"}))
+    assert gc.read_run(run, gc.Row("dali")).status == "failed"
+
+
+def test_gpu_check_settings_are_validated() -> None:
+    gc = gpu_check_module()
+    cfg = gc.Config.from_env({"LOADERS": "dali, torchvision", "SAMPLES": "512", "DEVICE": "cpu"})
+    assert (cfg.loaders, cfg.samples, cfg.device) == (("dali", "torchvision"), 512, "cpu")
+    with pytest.raises(gc.CheckError, match="DEVICE='tpu'; accepted: cuda, cpu"):
+        gc.Config.from_env({"DEVICE": "tpu"})
+    with pytest.raises(gc.CheckError, match="EPOCHS='two' is not a number"):
+        gc.Config.from_env({"EPOCHS": "two"})
+
+
+@pytest.mark.slow
+@needs_dali
+def test_gpu_check_rehearsal_on_the_cpu(tmp_path: Path) -> None:
+    """The whole check, shrunk to CPU size: dataset, train.py per loader, the table."""
+    settings = (
+        "DEVICE=cpu SAMPLES=256 TEST_SAMPLES=64 SHARD_SIZE=64 BATCH=32 EPOCHS=2 MAX_BATCHES=2 ARCH=small"
+    )
+    env = dict(os.environ) | dict(kv.split("=") for kv in settings.split())
+    env |= {
+        "PYTHON": sys.executable,
+        "GPU_CHECK_DIR": str(tmp_path),
+        "LOADERS": "torchvision,dali",
+        "WORKERS": "1",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = (tmp_path / "table.txt").read_text()
+    assert re.search(r"torchvision\s+cpu\s+\d+\s+[\d.]+%\s+[\d.]+%", table), table
+    assert re.search(r"dali\s+cpu\s+\d+\s+[\d.]+%\s+[\d.]+%", table), table
+
+
+@needs_dali
+def test_a_missing_or_damaged_shard_is_a_clear_error(datasets: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    root = Path(shutil.copytree(datasets["png5"], tmp_path / "ds"))
+    (root / "train-000003.idx").unlink()
+    with pytest.raises(FeedrateError, match=r"train-000003\.idx is missing; the manifest"):
+        dali(root)
+    shutil.copy(datasets["png5"] / "train-000003.idx", root)
+    # Overwrite the pixels of one png in place (same size: the manifest's size check passes).
+    ext, offset, size = (root / "train-000002.idx").read_text().splitlines()[1].split()[4:7]
+    assert ext == "png"
+    with open(root / "train-000002.tar", "r+b") as f:
+        f.seek(int(offset))
+        f.write(b"\xff" * int(size))
+    with pytest.raises(DaliError, match=r"DALI failed on the train shards of .*: fn\.decoders\.image: \S"):
+        for _ in dali(root):
+            pass
