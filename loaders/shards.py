@@ -5,18 +5,28 @@
 - `ShardCache`: whole shards copied from any store into a local directory, atomically, verified by size
   and sha256 against the manifest; a partial or corrupt cached file is fetched again. Local datasets
   need no cache: `local_path` answers with the file in place.
+- `ShardIndex` / `parse_index`: where each sample's members lie inside a shard, from its DALI index file,
+  so a loader can slice samples out of one buffer instead of walking tar headers per member.
+- `ShardFetcher`: a shard (or a byte range of one) as one in-memory buffer, in one read: the file in
+  place, a verified cached copy, or one GET streamed into the buffer (sha256 checked as it arrives when
+  asked to).
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from feedrate.errors import FeedrateError
 from feedrate.manifest import Manifest, load_manifest
-from feedrate.storage import LocalStore, Store, open_store
+from feedrate.storage import LocalStore, RetryPolicy, Store, open_store
+
+LABEL_EXT = "cls"
 
 
 class ShardError(FeedrateError):
@@ -63,9 +73,9 @@ class DatasetRoot:
         return sum(s.samples for s in self.shards(split))
 
 
-def open_dataset(url: str, endpoint_url: str | None = None) -> DatasetRoot:
+def open_dataset(url: str, endpoint_url: str | None = None, retry: RetryPolicy | None = None) -> DatasetRoot:
     """Open the dataset at `url` (a path, file://, s3:// or cos://) and read its manifest."""
-    store = open_store(url, endpoint_url=endpoint_url)
+    store = open_store(url, endpoint_url=endpoint_url, retry=retry)
     return DatasetRoot(store, load_manifest(store))
 
 
@@ -91,21 +101,66 @@ class ShardCache:
         self.misses = 0
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._verified: set[str] = set()
+        # path -> (size, mtime_ns) when its sha256 last matched: a file rewritten since is hashed again
+        self._verified: dict[str, tuple[int, int]] = {}
 
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
 
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns)
+
     def _valid(self, path: Path, size: int, sha256: str) -> bool:
-        if str(path) in self._verified:
-            return True
-        if not path.is_file() or path.stat().st_size != size:
+        stamp = self._stamp(path)
+        if stamp is None or stamp[0] != size:
             return False
+        if self._verified.get(str(path)) == stamp:
+            return True
         if sha256_file(path) != sha256:
             return False
-        self._verified.add(str(path))
+        self._verified[str(path)] = stamp
         return True
+
+    def _read_valid(self, path: Path, size: int, sha256: str) -> bytearray | None:
+        """The cached file's bytes when its size and sha256 match (hashed once per version), else None."""
+        stamp = self._stamp(path)
+        if stamp is None or stamp[0] != size:
+            return None
+        data = bytearray(size)
+        with open(path, "rb") as f:
+            if f.readinto(data) != size:
+                return None
+        if self._verified.get(str(path)) != stamp:
+            if hashlib.sha256(data).hexdigest() != sha256:
+                return None
+            self._verified[str(path)] = stamp
+        return data
+
+    def read_through(self, name: str, size: int, sha256: str, fetch: Callable[[], bytearray]) -> bytearray:
+        """The bytes of `name`: a verified cached copy (a hit), else `fetch()`ed, verified and stored.
+
+        Nothing unverified is ever stored or returned; the file appears under its name atomically.
+        """
+        path = self.dir / name
+        with self._lock(name):
+            data = self._read_valid(path, size, sha256)
+            if data is not None:
+                self.hits += 1
+                return data
+            self.misses += 1
+            data = fetch()
+            check_bytes(data, size, sha256, self.store.url_for(name))
+            LocalStore(str(self.dir)).write_bytes(name, data)
+            stamp = self._stamp(path)
+            if stamp:
+                self._verified[str(path)] = stamp
+            return data
 
     def fetch(self, name: str, size: int, sha256: str) -> Path:
         """The local path of a verified copy of `name`, fetching it when needed."""
@@ -115,7 +170,7 @@ class ShardCache:
                 self.hits += 1
                 return path
             self.misses += 1
-            self._verified.discard(str(path))
+            self._verified.pop(str(path), None)
             self.store.get_file(name, path)
             if not self._valid(path, size, sha256):
                 path.unlink(missing_ok=True)
@@ -137,3 +192,162 @@ def local_path(root: DatasetRoot, name: str) -> Path | None:
     if isinstance(root.store, LocalStore):
         return root.store.path(name)
     return None
+
+
+def check_bytes(data: bytes | bytearray, size: int, sha256: str, url: str) -> None:
+    """Raise ShardError naming `url` unless `data` has the manifest's size and sha256."""
+    if len(data) != size:
+        raise ShardError(f"{url} has {len(data)} bytes; the manifest says {size} (truncated or replaced)")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise corrupt(url, actual, sha256)
+
+
+def corrupt(url: str, actual: str, expected: str) -> ShardError:
+    return ShardError(
+        f"{url} is corrupt: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
+    )
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each sample of one shard lies: data offsets and sizes of its image and label members.
+
+    Parsed from the shard's DALI index (`wds2idx` v1.2: per sample, `<ext> <offset> <size> <name>` for
+    each member). Arrays are int64, one entry per sample, in tar order.
+    """
+
+    name: str
+    keys: tuple[str, ...]
+    image_ext: str
+    image_offset: np.ndarray
+    image_size: np.ndarray
+    label_offset: np.ndarray
+    label_size: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def span(self, first: int, stop: int) -> tuple[int, int]:
+        """The byte range [start, end) of the shard that holds the data of samples first..stop-1."""
+        start = min(int(self.image_offset[first]), int(self.label_offset[first]))
+        end = max(
+            int(self.image_offset[stop - 1] + self.image_size[stop - 1]),
+            int(self.label_offset[stop - 1] + self.label_size[stop - 1]),
+        )
+        return start, end
+
+
+def parse_index(text: str, shard: str, image_ext: str) -> ShardIndex:
+    """A ShardIndex from the text of `shard`'s .idx; every sample needs one `image_ext` and one cls."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
+        raise ShardError(f"index of {shard}: expected a 'v1.2 <samples>' first line, got {lines[:1]}")
+    rows = [line.split() for line in lines[1:] if line.strip()]
+    if len(rows) != int(head[1]):
+        raise ShardError(f"index of {shard}: header says {head[1]} samples, it lists {len(rows)}")
+    keys: list[str] = []
+    table = np.zeros((len(rows), 4), dtype=np.int64)  # image offset, image size, label offset, label size
+    for i, row in enumerate(rows):
+        if len(row) % 4:
+            raise ShardError(f"index of {shard}: malformed line {i + 2}: {' '.join(row)[:80]}")
+        members = {row[j]: (row[j + 1], row[j + 2], row[j + 3]) for j in range(0, len(row), 4)}
+        image, label = members.get(image_ext), members.get(LABEL_EXT)
+        key = _member_key(row[3])
+        if image is None or label is None:
+            have = ", ".join(sorted(members))
+            raise ShardError(f"{shard}: sample {key} lacks a .{image_ext} or .cls member (has: {have})")
+        table[i] = (int(image[0]), int(image[1]), int(label[0]), int(label[1]))
+        keys.append(key)
+    return ShardIndex(shard, tuple(keys), image_ext, *table.T.copy())
+
+
+def _member_key(member: str) -> str:
+    directory, _, base = member.rpartition("/")
+    key = base.partition(".")[0]
+    return f"{directory}/{key}" if directory else key
+
+
+class ShardFetcher:
+    """Shards as in-memory buffers, each in one read, with counters for run.json.
+
+    - local dataset: the file in place (no cache needed);
+    - remote with a cache directory: the verified cached copy, else one GET whose bytes are verified
+      (size + sha256), stored atomically and used at once (no second read);
+    - remote without a cache: one GET streamed into the buffer, resumed from the byte reached if the
+      connection drops (see feedrate.storage).
+    With `verify`, a whole shard's sha256 is computed as its bytes arrive and checked before any sample
+    of it is used. A byte range (a part of a shard split between readers) is one ranged GET; it cannot be
+    checked against the whole shard's sha256, so under `verify` (or with a cache) the whole shard is read
+    instead. `bytes_read` counts bytes from the dataset's store; cached copies count as cache hits.
+    """
+
+    def __init__(self, root: DatasetRoot, cache_dir: str | Path | None = None, verify: bool = False) -> None:
+        self.root = root
+        self.verify = verify
+        self.local = isinstance(root.store, LocalStore)
+        self.cache = ShardCache(root.store, cache_dir) if cache_dir and not self.local else None
+
+    def read(self, ref: ShardRef, start: int = 0, end: int | None = None) -> memoryview:
+        """Bytes [start, end) of shard `ref` (the whole shard by default)."""
+        end = ref.bytes if end is None else end
+        if start == 0 and end == ref.bytes:
+            return memoryview(self._whole(ref))
+        if self.cache is not None or self.verify:
+            return memoryview(self._whole(ref))[start:end]
+        return memoryview(self._get(ref.name, start, end, None))
+
+    def _whole(self, ref: ShardRef) -> bytearray:
+        if self.cache is not None:
+            return self.cache.read_through(
+                ref.name, ref.bytes, ref.sha256, lambda: self._get(ref.name, 0, ref.bytes, None, whole=True)
+            )
+        return self._get(ref.name, 0, ref.bytes, ref.sha256 if self.verify else None, whole=True)
+
+    def _get(self, name: str, start: int, end: int, sha256: str | None, whole: bool = False) -> bytearray:
+        """One read of bytes [start, end) of `name` into a buffer, hashed on the way when `sha256`.
+
+        `whole`: the object should be exactly `end` bytes; it is read with a plain GET (not a ranged
+        one) and a longer object is an error as much as a shorter one.
+        """
+        url = self.root.store.url_for(name)
+        data = bytearray(end - start)
+        view = memoryview(data)
+        digest = hashlib.sha256() if sha256 else None
+        filled = 0
+        with self.root.store.open_read(name, start, None if whole else end) as stream:
+            while filled < len(data):
+                n = stream.readinto(view[filled:])
+                if not n:
+                    break
+                if digest:
+                    digest.update(view[filled : filled + n])
+                filled += n
+            longer = whole and filled == len(data) and bool(stream.read(1))
+        if filled != len(data) or longer:
+            got = f"more than {filled}" if longer else str(filled)
+            raise ShardError(f"{url}: got {got} of {len(data)} bytes (truncated or replaced shard)")
+        if digest and sha256 and digest.hexdigest() != sha256:
+            raise corrupt(url, digest.hexdigest(), sha256)
+        return data
+
+    def read_index(self, ref: ShardRef) -> ShardIndex:
+        """The parsed index of `ref`, always verified (it is small and decides every slice)."""
+        fetch = lambda: self._get(ref.index_name, 0, ref.index_bytes, None, whole=True)  # noqa: E731
+        if self.cache is not None:
+            data = self.cache.read_through(ref.index_name, ref.index_bytes, ref.index_sha256, fetch)
+        else:
+            data = fetch()
+            check_bytes(data, ref.index_bytes, ref.index_sha256, self.root.store.url_for(ref.index_name))
+        return parse_index(data.decode("ascii", errors="replace"), ref.name, self.root.manifest.encoding)
+
+    def stats(self) -> dict[str, int]:
+        counters = self.root.store.counters
+        return {
+            "bytes_read": counters.bytes_read,
+            "requests": counters.requests,
+            "retries": counters.retries,
+            "cache_hits": self.cache.hits if self.cache else 0,
+            "cache_misses": self.cache.misses if self.cache else 0,
+        }

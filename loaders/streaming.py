@@ -1,0 +1,400 @@
+"""LOADER=wds: WebDataset shards from local disk, S3 or COS, one read per shard per epoch.
+
+The data path, per reader (the main process, or each DataLoader worker):
+
+    units ─► shard bytes ─► shuffle buffer ─► uint8 batches ─► [augment] ─► main process: exact
+    (partition.py) (one GET, prefetched) (samples) (decode.py) (augment.py)   batches, [augment] on GPU
+                   └───────────────── stages.py ────────────────────────┘
+
+- The manifest lists the shards; each shard's DALI index (read and verified once, when the loader is
+  built) says where every sample's image and label lie, so a whole shard read into one buffer is sliced
+  without walking tar headers or making a Python object per member.
+- Each shard is one read: the local file, a verified cached copy (`cache_dir`), or one GET streamed into
+  the buffer, resumed from the byte reached if the connection drops (feedrate.storage). A background
+  thread fetches the next shard while the current one is decoded. `verify` checks each shard's sha256
+  as its bytes arrive, before any of its samples is used.
+- Shuffling (training only): the shard order is shuffled per epoch, then samples are drawn at random
+  from a buffer of `shuffle_buffer` samples (default 4,096, about 1.6 shards of 2,500; the shards
+  themselves were shuffled when written). Seeded by (seed, epoch, rank, worker): the same seed and
+  worker count give the same epoch. Validation reads shards in order, unshuffled.
+- Readers decode whole batches into one uint8 tensor each. Augmentation is a few tensor ops on the whole
+  batch (augment.py): random crop with 4-pixel zero padding and horizontal flip (training), conversion
+  to float32 and normalisation (always) -- the torchvision baseline's transforms, batched. Where it runs
+  (`augment_at`): with a GPU, on the GPU, after the uint8 batch (4x fewer bytes than float32) is copied
+  there; on the CPU, in the readers, so the main process only hands batches on. The main process cuts
+  the readers' batches into batches of exactly `batch_size` (the last one partial).
+- Exactly once: partition.py deals disjoint sample ranges to ranks and workers, and the loader checks at
+  the end of each epoch that it yielded exactly `samples` samples.
+- Counters: each reader attaches its cumulative counters (bytes, requests, retries, cache hits and
+  misses) to every batch it sends and to a last counters-only message; the main process keeps the
+  latest per reader process and adds them up in `stats()`.
+
+Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from a command line):
+`verify` (bool), `shuffle_buffer` (samples, >= 0), `decode` (auto | torchvision | pil | numpy, by
+encoding), `prefetch` (shards fetched ahead per reader, >= 0; default 1), `augment_at` (auto | reader |
+device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check).
+Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
+from (about 2 at the default sizes), and up to 4 batches in flight to the main process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from feedrate.errors import FeedrateError
+from feedrate.manifest import Manifest
+from feedrate.storage import StorageError, open_store
+from loaders.augment import augment, normalize
+from loaders.base import Download, LoaderConfig, batches_for
+from loaders.decode import DECODERS, decode_choices
+from loaders.partition import Unit, rank_units, worker_units
+from loaders.shards import DatasetRoot, ShardError, ShardFetcher, ShardIndex, ShardRef, open_dataset
+from loaders.stages import LoadedUnit, decoded, drawn, load_unit, prefetched, transformed
+
+DEFAULT_SHUFFLE_BUFFER = 4096
+DEFAULT_PREFETCH = 1
+AUGMENT_AT = ("auto", "reader", "device")
+INDEX_READERS = 8  # threads reading index files when the loader is built (remote: latency-bound)
+
+
+@dataclass(frozen=True)
+class WdsOptions:
+    """The backend's knobs, validated: unknown names and bad values are FeedrateErrors."""
+
+    verify: bool = False
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    decode: str = "auto"
+    prefetch: int = DEFAULT_PREFETCH
+    keys: bool = False
+    augment_at: str = "auto"
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], encoding: str) -> WdsOptions:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise FeedrateError(f"unknown wds option {unknown[0]!r}; accepted: {', '.join(sorted(names))}")
+        values = dict(options)
+        for name in ("verify", "keys"):
+            if name in values:
+                values[name] = _as_bool(name, values[name])
+        for name in ("shuffle_buffer", "prefetch"):
+            if name in values:
+                values[name] = _as_count(name, values[name])
+        opts = cls(**values)
+        if opts.augment_at not in AUGMENT_AT:
+            raise FeedrateError(
+                f"wds option augment_at={opts.augment_at!r}; accepted: {', '.join(AUGMENT_AT)}"
+            )
+        choices = decode_choices(encoding)
+        if opts.decode not in choices:
+            raise FeedrateError(
+                f"wds option decode={opts.decode!r} for {encoding} shards; accepted: {', '.join(choices)}"
+            )
+        return opts
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    """A flag from Python or from a command line ("true", "0", ...)."""
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in words:
+        return words[value.lower()]
+    raise FeedrateError(f"wds option {name}={value!r}; accepted: true, false")
+
+
+def _as_count(name: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise FeedrateError(f"wds option {name}={value!r}; accepted: an integer >= 0")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a reader process needs, fixed when the loader is built (sent to the workers)."""
+
+    url: str
+    endpoint_url: str | None
+    manifest: Manifest
+    refs: tuple[ShardRef, ...]
+    indexes: tuple[ShardIndex, ...]
+    units: tuple[Unit, ...]  # this rank's units
+    rank: int
+    batch_size: int
+    train: bool
+    seed: int
+    cache_dir: str | None
+    options: WdsOptions
+    augment_in_reader: bool  # readers send float32 batches ready to use, else uint8 NHWC
+
+
+# -- the reader: an IterableDataset run by each DataLoader worker (or the main process) -------------
+class _ReaderState:
+    """Per-process resources: a store client of its own (never shared across a fork), a fetch thread."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        store = open_store(spec.url, endpoint_url=spec.endpoint_url)
+        self.fetcher = ShardFetcher(DatasetRoot(store, spec.manifest), spec.cache_dir, spec.options.verify)
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, spec.options.prefetch), thread_name_prefix="wds-fetch"
+        )
+
+    def stats(self) -> dict[str, int]:
+        return self.fetcher.stats()
+
+
+class ShardStream(IterableDataset):
+    """Yields (images, labels, keys | None, pid, counters, None) per batch of this reader's units, then
+    (None, None, None, pid, counters, error) once the reader is done: error is None, or the (class
+    name, message) of the FeedrateError that stopped it."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.decoder = DECODERS[(spec.manifest.encoding, spec.options.decode)]
+        self._epoch = multiprocessing.get_context().RawValue("q", 0)  # seen by persistent workers
+        self._state: tuple[int, _ReaderState] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_state"] = None  # threads and clients stay in the process that made them
+        return state
+
+    def _local(self) -> _ReaderState:
+        if self._state is None or self._state[0] != os.getpid():
+            self._state = (os.getpid(), _ReaderState(self.spec))
+        return self._state[1]
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        state, pid = self._local(), os.getpid()
+        try:
+            for images, labels, keys in self._batches(worker, workers, int(self._epoch.value), state):
+                yield images, labels, keys, pid, state.stats(), None
+        except FeedrateError as exc:
+            # The user's to fix (a corrupt shard, an unreachable bucket): sent as a message so the main
+            # process re-raises it as it is, not wrapped in a worker traceback.
+            yield None, None, None, pid, state.stats(), (type(exc).__name__, str(exc))
+            return
+        yield None, None, None, pid, state.stats(), None
+
+    def _batches(self, worker: int, workers: int, epoch: int, state: _ReaderState) -> Iterator[tuple]:
+        """The reader's pipeline: units -> loaded shards -> drawn batches -> decoded (-> augmented)."""
+        spec = self.spec
+        units = worker_units(spec.units, worker, workers, epoch, spec.seed, shuffle=spec.train)
+        classes = len(spec.manifest.class_names)
+
+        def load(unit: Unit) -> LoadedUnit:
+            return load_unit(unit, spec.refs[unit.shard], spec.indexes[unit.shard], state.fetcher, classes)
+
+        loaded = prefetched(units, load, state.pool, spec.options.prefetch)
+        rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker]) if spec.train else None
+        buffer = spec.options.shuffle_buffer if spec.train else 0
+        batches = decoded(drawn(loaded, spec.batch_size, buffer, rng), self.decoder, spec.options.keys)
+        if spec.augment_in_reader:
+            seed = int(np.random.SeedSequence([spec.seed, epoch, spec.rank, worker]).generate_state(1)[0])
+            batches = transformed(
+                batches, spec.train, self.decoder.layout, torch.Generator().manual_seed(seed)
+            )
+        return batches
+
+
+# -- the loader ------------------------------------------------------------------------------------
+def _rank_of(cfg: LoaderConfig) -> tuple[int, int]:
+    """(rank, world size): the config's, else torch.distributed's when it is initialised."""
+    if cfg.world_size > 1:
+        return cfg.rank, cfg.world_size
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _read_indexes(fetcher: ShardFetcher, refs: list[ShardRef]) -> list[ShardIndex]:
+    if fetcher.local or len(refs) == 1:
+        return [fetcher.read_index(ref) for ref in refs]
+    with ThreadPoolExecutor(max_workers=INDEX_READERS, thread_name_prefix="wds-index") as pool:
+        return list(pool.map(fetcher.read_index, refs))
+
+
+class WdsLoader:
+    """The WebDataset streaming loader (see the module docstring); honours loaders.base.Loader."""
+
+    def __init__(self, cfg: LoaderConfig) -> None:
+        self.cfg = cfg
+        root = open_dataset(cfg.data, cfg.endpoint_url)
+        self.options = WdsOptions.parse(dict(cfg.options), root.manifest.encoding)
+        refs = root.shards(cfg.split)
+        rank, world_size = _rank_of(cfg)
+        units = rank_units([r.samples for r in refs], cfg.workers, rank, world_size)
+        self.device = torch.device(cfg.device)
+        at = self.options.augment_at
+        if at == "auto":
+            # On a GPU the augmentation costs the CPU nothing. On the CPU the readers augment: the main
+            # process then only hands batches on, whatever its torch thread count (when it augmented
+            # with 2 intra-op threads next to 2 busy workers on 2 cores, throughput fell by a third).
+            at = "reader" if self.device.type == "cpu" and cfg.workers > 0 else "device"
+        self._fetcher = ShardFetcher(root, cfg.cache_dir, self.options.verify)  # index reads, counted
+        spec = StreamSpec(
+            url=root.url if root.store.is_local else cfg.data,
+            endpoint_url=cfg.endpoint_url,
+            manifest=root.manifest,
+            refs=tuple(refs),
+            indexes=tuple(_read_indexes(self._fetcher, refs)),
+            units=tuple(units),
+            rank=rank,
+            batch_size=cfg.batch_size,
+            train=cfg.train,
+            seed=cfg.seed,
+            cache_dir=cfg.cache_dir,
+            options=self.options,
+            augment_in_reader=at == "reader",
+        )
+        self._stream = ShardStream(spec)
+        self._stream.decoder.prepare()
+        self.samples = sum(u.samples for u in units)
+        self.downloads: list[Download] = []
+        self.decode_device = "cpu"
+        self._augment_in_reader = at == "reader"
+        self._layout = self._stream.decoder.layout
+        self._epoch = 0
+        self._reader_stats: dict[int, dict[str, int]] = {}
+        self._loader: DataLoader | None = None
+
+    def __len__(self) -> int:
+        return batches_for(self.samples, self.cfg.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+        self._stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self._batches():
+            yield images, labels
+
+    def iter_keyed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+        """Like iteration, plus each batch's sample keys (needs the `keys` option)."""
+        if not self.options.keys:
+            raise FeedrateError("iter_keyed() needs the wds option keys=True")
+        yield from self._batches()
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is garbage collected)."""
+        if self._loader is not None:
+            iterator = getattr(self._loader, "_iterator", None)
+            if iterator is not None:
+                iterator._shutdown_workers()
+            self._loader = None
+
+    def __enter__(self) -> WdsLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, int]:
+        total = dict(self._fetcher.stats(), skipped=0)
+        for counters in self._reader_stats.values():
+            for name, value in counters.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _messages(self) -> Iterator[tuple]:
+        if self.cfg.workers == 0:
+            return iter(self._stream)
+        if self._loader is None:
+            self._loader = DataLoader(
+                self._stream,
+                batch_size=None,
+                num_workers=self.cfg.workers,
+                persistent_workers=True,
+                prefetch_factor=4,
+                pin_memory=self.device.type == "cuda",
+            )
+        return iter(self._loader)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.cfg.seed * 1_000_003 + self._epoch)
+        yielded = 0
+        for images, labels, keys in self._rebatched(self._messages()):
+            yielded += len(labels)
+            yield self._finish(images, labels, generator), labels.to(self.device, non_blocking=True), keys
+        if yielded != self.samples:
+            raise FeedrateError(
+                f"wds loader yielded {yielded} samples in epoch {self._epoch}, expected {self.samples}"
+            )
+
+    def _rebatched(self, messages: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+        """Batches of exactly batch_size from the readers' batches (whose tails are partial)."""
+        size = self.cfg.batch_size
+        pending: list[tuple] = []
+        have = 0
+        for images, labels, keys, pid, counters, error in messages:
+            self._reader_stats[pid] = counters
+            if error is not None:
+                raise _reader_error(*error)
+            if images is None:
+                continue
+            if not pending and len(labels) == size:
+                yield images, labels, keys
+                continue
+            pending.append((images, labels, keys))
+            have += len(labels)
+            while have >= size:
+                batch, pending = _cut(pending, size)
+                have -= size
+                yield batch
+        if pending:
+            yield _cut(pending, have)[0]
+
+    def _finish(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self._augment_in_reader:
+            return images
+        if self.cfg.train:
+            return augment(images, generator, self._layout)
+        return normalize(images, self._layout)
+
+
+def _reader_error(kind: str, message: str) -> FeedrateError:
+    """A reader's FeedrateError, re-made in the main process with its own class where known."""
+    known = {cls.__name__: cls for cls in (ShardError, StorageError, FeedrateError)}
+    return known.get(kind, FeedrateError)(message)
+
+
+def _cut(pending: list[tuple], size: int) -> tuple[tuple, list[tuple]]:
+    """The first `size` samples of the pending pieces as one batch, and what is left."""
+    taken: list[tuple] = []
+    need = size
+    while need:
+        images, labels, keys = pending[0]
+        if len(labels) <= need:
+            taken.append(pending.pop(0))
+            need -= len(labels)
+        else:
+            taken.append((images[:need], labels[:need], keys[:need] if keys else None))
+            pending[0] = (images[need:], labels[need:], keys[need:] if keys else None)
+            need = 0
+    images = torch.cat([t[0] for t in taken]) if len(taken) > 1 else taken[0][0]
+    labels = torch.cat([t[1] for t in taken]) if len(taken) > 1 else taken[0][1]
+    keys = [k for t in taken for k in t[2]] if taken[0][2] is not None else None
+    return (images, labels, keys), pending

@@ -1,0 +1,69 @@
+"""Batched augmentation against torchvision's per-sample transforms (the baseline's semantics)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision.transforms.functional as F
+from torchvision import transforms
+
+from feedrate.errors import FeedrateError
+from loaders.augment import augment, crop_flip, normalize, random_crop_flip
+from loaders.base import CIFAR10_MEAN, CIFAR10_STD
+
+
+def batch(n: int = 48, seed: int = 0) -> torch.Tensor:
+    return torch.randint(
+        0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def test_crop_flip_equals_pad_crop_hflip_per_sample() -> None:
+    images = batch()
+    g = torch.Generator().manual_seed(1)
+    dy, dx = torch.randint(0, 9, (2, len(images)), generator=g)
+    flip = torch.rand(len(images), generator=g) < 0.5
+    out = crop_flip(images, dy, dx, flip, padding=4, layout="NHWC")
+    for i in range(len(images)):
+        padded = F.pad(images[i].permute(2, 0, 1), [4], fill=0)
+        expected = F.crop(padded, int(dy[i]), int(dx[i]), 32, 32)
+        if flip[i]:
+            expected = F.hflip(expected)
+        assert torch.equal(out[i], expected), f"sample {i} (dy={dy[i]}, dx={dx[i]}, flip={flip[i]})"
+    nchw = crop_flip(images.permute(0, 3, 1, 2).contiguous(), dy, dx, flip, padding=4, layout="NCHW")
+    assert torch.equal(out, nchw), "either input layout gives the same NCHW result"
+
+
+def test_random_crop_flip_draws_every_offset_and_both_flips() -> None:
+    images = torch.zeros((2000, 32, 32, 3), dtype=torch.uint8)
+    images[:, :, 0] = 255  # the left column marks where the image went
+    out = random_crop_flip(images, torch.Generator().manual_seed(0), layout="NHWC")
+    columns = (out[:, 0] == 255).all(dim=1)  # (n, 32): which output column holds the marked one
+    found = columns.float().argmax(dim=1)[columns.any(dim=1)]
+    # unflipped crops put it at column 4 - dx (0..4 when visible), flipped ones at 27 + dx
+    assert set(found.tolist()) == set(range(5)) | set(range(27, 32))
+    assert (~columns.any(dim=1)).sum() > 0, "crops that cut the marked column off happen too"
+
+
+def test_same_generator_seed_same_augmentation() -> None:
+    images = batch()
+    a = augment(images, torch.Generator().manual_seed(5), "NHWC")
+    b = augment(images, torch.Generator().manual_seed(5), "NHWC")
+    c = augment(images, torch.Generator().manual_seed(6), "NHWC")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (48, 3, 32, 32) and a.dtype == torch.float32 and a.is_contiguous()
+
+
+def test_normalize_equals_to_tensor_and_normalize() -> None:
+    images = batch(8)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    expected = torch.stack([reference(image.numpy()) for image in images])
+    assert torch.allclose(normalize(images, "NHWC"), expected, atol=1e-5)
+    assert torch.allclose(normalize(images.permute(0, 3, 1, 2).contiguous(), "NCHW"), expected, atol=1e-5)
+
+
+def test_bad_layout_and_dtype() -> None:
+    with pytest.raises(FeedrateError, match=r"unknown layout 'HWC'; accepted: NCHW, NHWC"):
+        normalize(batch(2), "HWC")
+    with pytest.raises(FeedrateError, match="expected a uint8 batch"):
+        normalize(batch(2).float(), "NHWC")

@@ -1,0 +1,298 @@
+"""The wds loader on real shards: exactly once, label alignment, S3/COS with GETs counted at the server,
+the cache, verification and errors that name the shard and the sample."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from feedrate.cifar import CLASS_NAMES, write_batch_dir
+from feedrate.errors import FeedrateError
+from loaders import CIFAR10_MEAN, CIFAR10_STD, LoaderConfig, make_loader
+from loaders.decode import parse_labels
+from loaders.partition import Unit, rank_units, split_units, worker_units
+from loaders.shards import ShardError, open_dataset, parse_index
+from loaders.streaming import WdsLoader
+from shardgen import ShardgenConfig, build
+
+TRAIN, TEST = 25, 7  # samples: small enough to build fast, odd so batches and shards end partial
+
+
+def coded_images(n: int, labels: np.ndarray) -> np.ndarray:
+    """Images whose pixels say what they are: channel 0 = 20*label + 10, channels 1-2 = the index."""
+    images = np.empty((n, 32, 32, 3), dtype=np.uint8)
+    idx = np.arange(n)
+    images[..., 0] = (20 * labels + 10)[:, None, None]
+    images[..., 1] = (idx % 256)[:, None, None]
+    images[..., 2] = (idx // 256 + 100)[:, None, None]
+    return images
+
+
+def build_coded(
+    dest: Path, fmt: str, shard_size: int, train: int = TRAIN, test: int = TEST, url: str | None = None
+) -> Path:
+    """A lossless dataset (raw or png) of coded images, written by shardgen from CIFAR batches, at
+    `dest` or at `url` (then `dest` only holds the source batches)."""
+    rng = np.random.default_rng(7)
+    splits = {}
+    for name, n in (("train", train), ("test", test)):
+        labels = rng.integers(0, 10, n)
+        splits[name] = (coded_images(n, labels), labels)
+    source = dest.parent / f"{dest.name}-src" / "cifar-10-batches-py"
+    write_batch_dir(source, splits, CLASS_NAMES, "coded")
+    build(ShardgenConfig(dest=url or str(dest), source=str(source), fmt=fmt, shard_size=shard_size))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Raw datasets of 25 training samples in 1, 2 and 5 shards."""
+    root = tmp_path_factory.mktemp("coded")
+    return {shards: build_coded(root / f"raw-{shards}", "raw", -(-TRAIN // shards)) for shards in (1, 2, 5)}
+
+
+def config(data: str | Path, **kw: object) -> LoaderConfig:
+    base: dict = {"split": "train", "batch_size": 4, "train": True, "options": {"keys": True}}
+    base.update(kw)
+    return LoaderConfig(data=str(data), **base)
+
+
+def epoch(loader: WdsLoader, e: int = 0) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    loader.set_epoch(e)
+    keys, images, labels = [], [], []
+    for x, y, k in loader.iter_keyed():
+        keys += k
+        images.append(x)
+        labels.append(y)
+    return keys, images, labels
+
+
+def all_keys(n: int = TRAIN, split: str = "train") -> set[str]:
+    return {f"{split}_{i:06d}" for i in range(n)}
+
+
+# -- exactly once ------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
+@pytest.mark.parametrize("shards", [1, 2, 5])
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_every_sample_exactly_once_per_epoch(coded: dict[int, Path], shards: int, workers: int) -> None:
+    assert len(open_dataset(str(coded[shards])).shards("train")) == shards
+    with WdsLoader(
+        config(coded[shards], workers=workers, options={"keys": True, "shuffle_buffer": 6})
+    ) as loader:
+        assert loader.samples == TRAIN and len(loader) == 7
+        orders = []
+        for e in range(2):
+            keys, images, labels = epoch(loader, e)
+            assert Counter(keys) == Counter(all_keys()), f"epoch {e}: duplicates or missing samples"
+            assert [len(y) for y in labels] == [4] * 6 + [1], "full batches, the last one partial"
+            assert all(x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 for x in images)
+            orders.append(keys)
+        assert orders[0] != orders[1], "set_epoch reshuffles"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_abandoned_epoch_does_not_leak_into_the_next(coded: dict[int, Path], workers: int) -> None:
+    with WdsLoader(config(coded[5], workers=workers)) as loader:
+        loader.set_epoch(0)
+        next(loader.iter_keyed())  # stop after one batch, as a --max-batches run does
+        keys, _, _ = epoch(loader, 1)
+    assert Counter(keys) == Counter(all_keys())
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_disjoint_parts_that_cover_the_split(coded: dict[int, Path], world_size: int) -> None:
+    seen: list[str] = []
+    total = 0
+    for rank in range(world_size):
+        with WdsLoader(config(coded[2], workers=2, rank=rank, world_size=world_size)) as loader:
+            keys, _, _ = epoch(loader)
+            assert len(keys) == loader.samples
+            total += loader.samples
+            seen += keys
+    assert total == TRAIN and Counter(seen) == Counter(all_keys())
+
+
+def test_partition_units() -> None:
+    assert [u.samples for u in split_units([10], 4)] == [2, 3, 2, 3]
+    assert all(u.whole for u in split_units([5, 5, 5], 3))
+    units = rank_units([7, 7], workers=3, rank=0, world_size=1)
+    covered = [(u.shard, i) for u in units for i in range(u.first, u.stop)]
+    assert sorted(covered) == [(s, i) for s in range(2) for i in range(7)]
+    dealt = [worker_units(units, w, 3, epoch=1, seed=0, shuffle=True) for w in range(3)]
+
+    def order(u: Unit) -> tuple[int, int]:
+        return (u.shard, u.first)
+
+    assert sorted((u for part in dealt for u in part), key=order) == sorted(units, key=order)
+    assert worker_units(units, 5, 6, epoch=0, seed=0, shuffle=False) == [], "an idle worker gets nothing"
+
+
+def test_same_seed_same_epoch(coded: dict[int, Path]) -> None:
+    runs = []
+    for _ in range(2):
+        with WdsLoader(config(coded[5], workers=2)) as loader:
+            keys, images, _ = epoch(loader, 3)
+            runs.append((keys, torch.cat(images)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1]), "same seed: same order and same augmentation"
+    with WdsLoader(config(coded[5], workers=2, seed=1)) as loader:
+        assert epoch(loader, 3)[0] != runs[0][0]
+
+
+# -- label alignment -----------------------------------------------------------------------------------
+def decoded_codes(images: torch.Tensor, at: tuple[int, int] = (16, 16)) -> np.ndarray:
+    """Back from normalised float to 0-255 pixel values at one position, (n, 3)."""
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3)
+    std = torch.tensor(CIFAR10_STD).view(1, 3)
+    pixels = images[:, :, at[0], at[1]] * std + mean
+    return torch.round(pixels * 255).to(torch.int64).numpy()
+
+
+def check_aligned(
+    keys: list[str], images: list[torch.Tensor], labels: list[torch.Tensor], train: bool, tolerance: int = 0
+) -> None:
+    x, y = torch.cat(images), torch.cat(labels)
+    codes = decoded_codes(x)  # the centre pixel survives any crop of at most 4 pixels
+    index = np.array([int(k.rsplit("_", 1)[1]) for k in keys])
+    expected = np.stack([20 * y.numpy() + 10, index % 256, index // 256 + 100], axis=1)
+    assert np.abs(codes - expected).max() <= tolerance, "label and key match the image"
+    corners = [decoded_codes(x, (0, 0)), decoded_codes(x, (31, 31))]
+    if not train:  # validation is untouched: every pixel is the original, normalised
+        assert all(np.abs(c - codes).max() <= tolerance for c in corners)
+    else:  # training crops pad with zeros somewhere in most samples
+        assert any((c == 0).all(axis=1).any() for c in corners)
+
+
+@pytest.mark.parametrize(("fmt", "tolerance"), [("png", 0), ("raw", 0), ("jpg", 3)])
+@pytest.mark.parametrize("train", [True, False])
+def test_every_pair_aligned(tmp_path: Path, fmt: str, tolerance: int, train: bool) -> None:
+    data = build_coded(tmp_path / fmt, fmt, shard_size=10, train=40, test=15)
+    split, n = ("train", 40) if train else ("test", 15)
+    with WdsLoader(config(data, split=split, train=train, workers=2, batch_size=8)) as loader:
+        keys, images, labels = epoch(loader)
+    assert sorted(keys) == sorted(all_keys(n, split))
+    check_aligned(keys, images, labels, train, tolerance)
+
+
+@pytest.mark.parametrize("at", ["reader", "device"])
+def test_aligned_wherever_the_augmentation_runs(coded: dict[int, Path], at: str) -> None:
+    with WdsLoader(config(coded[5], workers=2, options={"keys": True, "augment_at": at})) as loader:
+        check_aligned(*epoch(loader), train=True)
+
+
+# -- object stores ----------------------------------------------------------------------------------
+def tar_gets(server, bucket: str) -> int:
+    return sum(1 for r in server.requests("GET", f"/{bucket}/ds/") if r.split("?")[0].endswith(".tar"))
+
+
+@pytest.mark.parametrize("scheme", ["s3", "cos"])
+def test_object_store_one_get_per_shard_per_epoch(scheme: str, bucket: str, s3_env, tmp_path: Path) -> None:
+    url = f"{scheme}://{bucket}/ds"
+    build_coded(tmp_path / "ds", "raw", shard_size=10, train=30, test=5, url=url)
+    before = tar_gets(s3_env, bucket)
+    with WdsLoader(config(url, workers=2)) as loader:
+        for e in range(2):
+            keys, _, _ = epoch(loader, e)
+            assert Counter(keys) == Counter(all_keys(30))
+            assert tar_gets(s3_env, bucket) - before == 3 * (e + 1), "one GET per shard per epoch"
+        stats = loader.stats()
+    assert stats["requests"] >= 6 and stats["bytes_read"] > 6 * 10 * 3072
+
+
+def test_cache_dir_second_epoch_makes_no_get(bucket: str, s3_env, tmp_path: Path) -> None:
+    url = f"s3://{bucket}/ds"
+    build_coded(tmp_path / "ds", "raw", shard_size=10, train=20, test=5, url=url)
+    cache = tmp_path / "cache"
+    before = tar_gets(s3_env, bucket)
+    with WdsLoader(config(url, workers=2, cache_dir=str(cache))) as loader:
+        assert Counter(epoch(loader, 0)[0]) == Counter(all_keys(20))
+        assert tar_gets(s3_env, bucket) - before == 2
+        assert sorted(p.name for p in cache.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+        assert Counter(epoch(loader, 1)[0]) == Counter(all_keys(20))
+        assert tar_gets(s3_env, bucket) - before == 2, "second epoch reads the cache only"
+        stats = loader.stats()
+        assert stats["cache_misses"] >= 2 and stats["cache_hits"] >= 2
+        # a corrupt cached copy is detected and fetched again
+        shard = cache / "train-000001.tar"
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        assert Counter(epoch(loader, 2)[0]) == Counter(all_keys(20))
+        assert tar_gets(s3_env, bucket) - before == 3
+        assert loader.stats()["cache_misses"] == stats["cache_misses"] + 1
+
+
+# -- bad shards and bad input -------------------------------------------------------------------------
+@pytest.fixture
+def png_copy(tmp_path: Path) -> Path:
+    return build_coded(tmp_path / "png", "png", shard_size=10, train=20, test=5)
+
+
+def test_verify_names_a_corrupt_shard(png_copy: Path) -> None:
+    shard = png_copy / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 0x01  # one bit in the last sample's png
+    shard.write_bytes(bytes(data))
+    with (
+        WdsLoader(config(png_copy, options={"verify": True, "keys": True})) as loader,
+        pytest.raises(ShardError, match=r"train-000001\.tar is corrupt: sha256"),
+    ):
+        epoch(loader)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_shard_is_named(png_copy: Path, workers: int) -> None:
+    shard = png_copy / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with WdsLoader(config(png_copy, workers=workers)) as loader, pytest.raises(ShardError) as info:
+        epoch(loader)
+    assert str(info.value).startswith(f"{shard}: got 5000 of "), "the reader's own message, not a traceback"
+
+
+def test_undecodable_image_names_shard_and_key(png_copy: Path) -> None:
+    index = parse_index((png_copy / "train-000000.idx").read_text(), "train-000000.tar", "png")
+    shard = png_copy / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    start = int(index.image_offset[3])
+    data[start : start + int(index.image_size[3])] = b"\0" * int(index.image_size[3])
+    shard.write_bytes(bytes(data))
+    expected = rf"train-000000\.tar: sample {index.keys[3]}: cannot decode"
+    with WdsLoader(config(png_copy, train=False)) as loader, pytest.raises(ShardError, match=expected):
+        epoch(loader)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"colour": 1}, r"unknown wds option 'colour'; accepted: augment_at, decode, keys"),
+        ({"decode": "pil"}, r"decode='pil' for raw shards; accepted: auto, numpy"),
+        ({"shuffle_buffer": -1}, r"shuffle_buffer=-1; accepted: an integer >= 0"),
+        ({"verify": "maybe"}, r"verify='maybe'; accepted: true, false"),
+        ({"augment_at": "gpu"}, r"augment_at='gpu'; accepted: auto, reader, device"),
+    ],
+)
+def test_bad_options_name_the_value_and_the_accepted_set(
+    coded: dict[int, Path], options: dict, message: str
+) -> None:
+    with pytest.raises(FeedrateError, match=message):
+        WdsLoader(config(coded[1], options=options))
+
+
+def test_through_the_factory_and_without_keys(coded: dict[int, Path]) -> None:
+    loader = make_loader("wds", config(coded[2], options={"verify": "true"}, train=False))
+    batches = list(loader)
+    assert sum(len(y) for _, y in batches) == TRAIN and len(batches) == len(loader)
+    with pytest.raises(FeedrateError, match="keys=True"):
+        next(loader.iter_keyed())
+
+
+def test_parse_labels_vectorised() -> None:
+    buf = memoryview(bytearray(b"7..12..3..x"))
+    labels, bad = parse_labels(buf, np.array([0, 3, 7]), np.array([1, 2, 1]))
+    assert labels.tolist() == [7, 12, 3] and bad == -1
+    assert parse_labels(buf, np.array([0, 10]), np.array([1, 1]))[1] == 1
