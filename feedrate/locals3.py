@@ -26,6 +26,7 @@ from feedrate.errors import FeedrateError, run_cli
 
 HOST = "127.0.0.1"
 _REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+"')
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the server colours non-200 lines
 # moto accepts any key pair; these are placeholders, not secrets.
 LOCAL_ACCESS_KEY = "feedrate-local"
 LOCAL_SECRET_KEY = "feedrate-local-secret"
@@ -46,7 +47,7 @@ class LocalS3:
             raise FeedrateError("this server was started without a log; pass log_path to start()")
         found = []
         for line in self.log_path.read_text(errors="replace").splitlines():
-            match = _REQUEST_LINE.search(line)
+            match = _REQUEST_LINE.search(_ANSI.sub("", line))
             if not match:
                 continue
             verb, path = match.group(1), match.group(2)

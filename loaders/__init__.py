@@ -14,7 +14,7 @@ from loaders.base import CIFAR10_MEAN, CIFAR10_STD, Download, Loader, LoaderConf
 # name -> (module, class, pip packages that backend needs)
 BACKENDS: dict[str, tuple[str, str, str]] = {
     "torchvision": ("loaders.baseline", "TorchvisionLoader", "torch torchvision pillow"),
-    "wds": ("loaders.streaming", "WdsLoader", "webdataset torch torchvision"),
+    "wds": ("loaders.streaming", "WdsLoader", "torch torchvision"),
     "dali": ("loaders.dali_pipe", "DaliLoader", "nvidia-dali-cuda120"),
     "tensor": ("loaders.resident", "TensorLoader", "torch"),
 }
