@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -206,9 +207,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 "batch_size": args.batch_size,
             }
             if reason is None:
-                before = len(server.requests("GET", f"/{BUCKET}/")) if server else 0
+                before = server.requests("GET", f"/{BUCKET}/") if server else []
                 outcome = run_variant(variant, data, args, env)
-                gets = (len(server.requests("GET", f"/{BUCKET}/")) - before) if server else None
+                gets = server.requests("GET", f"/{BUCKET}/")[len(before) :] if server else None
             else:
                 outcome, gets = {"skipped": reason}, None
             if "skipped" in outcome:
@@ -229,13 +230,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 baseline[variant.workers] = outcome["img_per_s"]
             base = baseline.get(variant.workers)
             row["ratio_to_baseline"] = round(outcome["img_per_s"] / base, 3) if base else None
+            if gets is not None:
+                row["server_gets"] = len(gets)
             if gets is not None and variant.encoding != "batches":
-                shards = _train_shards(data_dir / fmt)
-                epochs = (args.warmup * args.batch_size + outcome["samples"] * args.repeats) / args.train_size
-                row["server_gets"] = gets
-                row["gets_per_shard_epoch"] = round(gets / (shards * max(1.0, epochs)), 3)
-            elif gets is not None:
-                row["server_gets"] = gets
+                # Shard GETs (not manifest or index reads) per shard per epoch begun.
+                shard_gets = sum(1 for g in gets if g.split("?")[0].endswith(".tar"))
+                consumed = args.warmup * args.batch_size + outcome["samples"] * args.repeats
+                epochs = math.ceil(consumed / args.train_size)
+                row["shard_gets"] = shard_gets
+                row["gets_per_shard_epoch"] = round(shard_gets / (_train_shards(data_dir / fmt) * epochs), 3)
             results.append(row)
     finally:
         if server:
