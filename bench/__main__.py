@@ -210,6 +210,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 before = server.requests("GET", f"/{BUCKET}/") if server else []
                 outcome = run_variant(variant, data, args, env)
                 gets = server.requests("GET", f"/{BUCKET}/")[len(before) :] if server else None
+                if variant.storage == "local":
+                    gets = None
             else:
                 outcome, gets = {"skipped": reason}, None
             if "skipped" in outcome:
