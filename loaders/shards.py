@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from feedrate.cifar import sha256_of
 from feedrate.errors import FeedrateError
 from feedrate.manifest import Manifest, load_manifest
 from feedrate.storage import LocalStore, RetryPolicy, Store, open_store
@@ -79,14 +80,6 @@ def open_dataset(url: str, endpoint_url: str | None = None, retry: RetryPolicy |
     return DatasetRoot(store, load_manifest(store))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ShardCache:
     """Whole shards (and their index files) from `store` in a local directory, verified on entry.
 
@@ -122,7 +115,7 @@ class ShardCache:
             return False
         if self._verified.get(str(path)) == stamp:
             return True
-        if sha256_file(path) != sha256:
+        if sha256_of(path) != sha256:
             return False
         self._verified[str(path)] = stamp
         return True

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feedrate import __version__
-from feedrate.cifar import BATCH_DIR, BATCH_FILES, load_source
+from feedrate.cifar import BATCH_DIR, BATCH_FILES, load_source, sha256_of
 from feedrate.errors import FeedrateError
 from feedrate.manifest import (
     ENCODINGS,
@@ -27,7 +27,7 @@ from feedrate.manifest import (
 )
 from feedrate.progress import progress
 from feedrate.storage import Store, open_store
-from shardgen.writer import WrittenShard, encoder_settings, sha256_of, write_split
+from shardgen.writer import WrittenShard, encoder_settings, write_split
 
 SPLITS = ("train", "test")
 # 2,500 samples per shard: 20 train + 4 test shards for CIFAR-10, 3.5-12 MB each depending on the

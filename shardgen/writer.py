@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from feedrate.cifar import sha256_of
+
 # JPEG settings: quality 95 with 4:4:4 chroma (no subsampling). At 32x32 a 4:2:0 chroma plane is only
 # 16x16, which visibly smears colour edges; 4:4:4 keeps the mean absolute error near 1-2 levels.
 # Baseline (non-progressive) Huffman JPEG, which nvJPEG's hardware and CUDA decoders both handle.
@@ -49,14 +51,6 @@ def encoder_settings(fmt: str) -> dict[str, object]:
     if fmt == "png":
         return {"compress_level": PNG_COMPRESS_LEVEL}
     return {"layout": "HWC", "dtype": "uint8", "shape": [32, 32, 3]}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def split_member_name(name: str) -> tuple[str, str]:
