@@ -30,7 +30,7 @@ ARGS ?=
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help venv dev shards train-cifar test test-slow test-gpu lint format s3-up s3-down bench compare clean
+.PHONY: help venv dev shards train-cifar test test-faults test-slow test-gpu lint format s3-up s3-down bench compare clean
 
 help:
 	@echo "make train-cifar [LOADER=torchvision|wds|dali|tensor] [DATA=URL] [EPOCHS=1] [WORKERS=N] [DEVICE=auto]"
@@ -60,12 +60,18 @@ shards: $(STAMP)
 data/shards/manifest.json: | $(STAMP)
 	$(PY) -m shardgen --dest data/shards --format jpg --source "$(SOURCE)"
 
+# NPROC > 1: that many processes on this machine through torchrun (DDP; gloo on the CPU, nccl on GPUs).
+NPROC ?= 1
 train-cifar: $(STAMP) $(if $(filter data/shards,$(DATA)),data/shards/manifest.json)
 	@test -f train.py || { echo "train-cifar: train.py is not built yet (issue: train.py)"; exit 2; }
-	$(PY) train.py --loader $(LOADER) --data "$(DATA)" --epochs $(EPOCHS) --workers $(WORKERS) --device $(DEVICE) $(ARGS)
+	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY)) train.py --loader $(LOADER) --data "$(DATA)" --epochs $(EPOCHS) --workers $(WORKERS) --device $(DEVICE) $(ARGS)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -m "not gpu and not slow" $(ARGS)
+
+# Fault injection across the data path (also part of `make test`); prints the faults table.
+test-faults: $(DEV_STAMP)
+	$(PY) -m pytest tests/test_faults.py -q -s $(ARGS)
 
 test-slow: $(DEV_STAMP)
 	$(PY) -m pytest -m "slow and not gpu" $(ARGS)

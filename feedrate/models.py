@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -112,6 +113,11 @@ class Stepper:
     switchable; on the CPU: fp32 under a nullcontext. Accuracy is counted on the device and read once per
     epoch, so no step waits for a host copy. Emulated (`emulate` = images/s), a training or evaluation
     step sleeps batch/emulate seconds and no model exists.
+
+    `distributed`: the model trains wrapped in DistributedDataParallel (the process group must exist),
+    which averages gradients over the ranks inside backward; `batch_size` is then the global batch (the
+    learning rate scales with it). Evaluation runs the unwrapped `module`: it has no collective per
+    batch, so ranks with different numbers of validation batches never wait for each other.
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class Stepper:
         amp: bool = True,
         channels_last: bool = True,
         emulate: float | None = None,
+        distributed: bool = False,
     ) -> None:
         self.emulate = emulate
         self.device = device
@@ -136,13 +143,20 @@ class Stepper:
         self.channels_last = cuda and channels_last and emulate is None
         self.correct = torch.zeros(2, dtype=torch.int64, device=device)
         self.seen = 0
+        self.module: nn.Module | None = None  # the network itself (None when emulating)
         if emulate is not None:
             return
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
-        self.model = build_model(arch, num_classes).to(device)
+        self.module = build_model(arch, num_classes).to(device)
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer, self.scheduler = build_optimizer(self.model, lr, batch_size, total_steps)
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.model: nn.Module = self.module
+        if distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Broadcasts rank 0's weights now, so every rank starts from the same model.
+            self.model = DistributedDataParallel(self.module, device_ids=[device] if cuda else None)
+        self.optimizer, self.scheduler = build_optimizer(self.module, lr, batch_size, total_steps)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -151,20 +165,21 @@ class Stepper:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+        return model(images)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.seen += labels.shape[0]
         if self.emulate is not None:
             time.sleep(labels.shape[0] / self.emulate)
             return
-        if not self.model.training:
+        assert self.module is not None
+        if not self.module.training:
             self.model.train()
         with self._autocast():
-            logits = self._forward(images)
+            logits = self._forward(self.model, images)
             loss = self.loss_fn(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -178,14 +193,26 @@ class Stepper:
         if self.emulate is not None:
             time.sleep(labels.shape[0] / self.emulate)
             return
-        if self.model.training:
+        assert self.module is not None
+        if self.module.training:
             self.model.eval()
         with torch.inference_mode(), self._autocast():
-            self.correct += topk_correct(self._forward(images), labels)
+            self.correct += topk_correct(self._forward(self.module, images), labels)
 
-    def take_accuracy(self) -> tuple[float | None, float | None]:
-        """Top-1 and top-5 fractions since the last call (None when emulating), then reset."""
-        seen, self.seen = self.seen, 0
-        top1, top5 = (c / seen if seen else None for c in self.correct.tolist())
+    def take_accuracy(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[float | None, float | None]:
+        """Top-1 and top-5 fractions since the last call (None when emulating), then reset.
+
+        `reduce` sums the counts (top-1 hits, top-5 hits, samples) over the ranks, so the fractions are
+        over the whole epoch of every rank, not an average of per-rank fractions.
+        """
+        counts = torch.cat([self.correct, self.correct.new_tensor([self.seen])])
+        if reduce is not None:
+            counts = reduce(counts)
+        top1_hits, top5_hits, seen = counts.tolist()
+        self.seen = 0
         self.correct.zero_()
-        return (None, None) if self.emulate is not None else (top1, top5)
+        if self.emulate is not None or not seen:
+            return (None, None)
+        return (top1_hits / seen, top5_hits / seen)

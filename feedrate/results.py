@@ -107,6 +107,29 @@ class CsvLog:
         self.close()
 
 
+class NoLog:
+    """CsvLog's interface, writing nothing: the log of every rank but 0 under torchrun, so the training
+    loop has one code path and exactly one process writes the CSV."""
+
+    def download(self, split: str, start: float, loading: float, duration: float, samples: int) -> None:
+        pass
+
+    def batch(self, epoch: int, start: float, batch: BatchTime, planned: int) -> None:
+        pass
+
+    def epoch(self, kind: int, epoch: int, stats: EpochStats, top1: float | None, top5: float | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> NoLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
     """Write `document` to `path` via a temporary file in the same directory and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

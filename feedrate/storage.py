@@ -10,18 +10,25 @@ prefix) and addresses objects by names relative to that root.
   `--endpoint-url`, else boto3's own `AWS_ENDPOINT_URL`.
 - `cos://bucket/prefix`: ibm_boto3 (IBM's fork of boto3). Credentials from IBM's documented
   sources: HMAC keys (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` or `~/.bluemix/cos_credentials`)
-  or an API key (`IBM_API_KEY_ID` + `IBM_SERVICE_INSTANCE_ID`, optional `IBM_AUTH_ENDPOINT`). The
-  endpoint comes from `--endpoint-url`, else `COS_ENDPOINT`, else the SDK's own `AWS_ENDPOINT_URL`.
+  or an API key (`IBM_API_KEY_ID` + `IBM_SERVICE_INSTANCE_ID`, optional `IBM_AUTH_ENDPOINT`); an API
+  key in the environment wins over an HMAC pair there, as in IBM's SDK. The endpoint comes from
+  `--endpoint-url`, else `COS_ENDPOINT`, else the SDK's own `AWS_ENDPOINT_URL`.
 
 The SDK packages are imported only when a remote store is opened. Every SDK error is turned into a
 `StorageError` whose message names the URL and the cause and never carries a credential.
 
 Reading an object survives a flaky network at two levels, both counted in `Counters.retries`:
-- each request (the GET, or the ranged GET of a resume) is retried by the SDK itself (its "standard"
-  mode: 5xx, throttling, connections refused or dropped before the response, `MAX_ATTEMPTS` in all);
-- a body cut mid-way (a dropped connection, a truncated response) is resumed from the byte reached with
-  a ranged GET pinned to the object's ETag, with exponential backoff, at most `RetryPolicy.resumes`
-  times per object. Past that budget the read fails with a StorageError naming the URL and the cause.
+- each request (any GET, PUT, part upload or HEAD) is retried by the SDK itself (its "standard" mode:
+  5xx, throttling, connections refused, reset or timed out before the response, `MAX_ATTEMPTS` in all);
+  the SDK's retries are counted from its own events, so uploads count them as much as reads;
+- a body cut mid-way (a dropped connection, a truncated response, a read that stalls past the read
+  timeout) is resumed from the byte reached with a ranged GET pinned to the object's ETag, with
+  exponential backoff, at most `RetryPolicy.resumes` times per object. Past that budget the read fails
+  with a StorageError naming the URL and the cause.
+Whole-object downloads (`get_file`) use the same resumable read, one GET per object.
+
+Timeouts: 5 s to connect, 60 s per socket read (`RetryPolicy.read_timeout_s`; the environment variable
+`FEEDRATE_READ_TIMEOUT` overrides it, in seconds, for links where 60 s is too short or too long).
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,12 +52,15 @@ from feedrate.errors import FeedrateError
 # Bounded network behaviour: an unreachable endpoint fails in seconds, not minutes.
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
-MAX_ATTEMPTS = 4
+READ_TIMEOUT_ENV = "FEEDRATE_READ_TIMEOUT"
+MAX_ATTEMPTS = 4  # per request, the first included
 # Bytes per read from a response body: at most what a resume fetches again (when a reset connection
 # drops bytes in flight). 128 KiB reads cost the S3 client ~1.4x the CPU of 1 MiB ones.
 READ_CHUNK = 1024 * 1024
 # Managed transfers: objects above this size go up and down in parallel multipart pieces.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MULTIPART_CHUNKSIZE = 8 * 1024 * 1024  # the SDK's default part size
+IAM_TOKEN_ENDPOINT = "https://iam.cloud.ibm.com/identity/token"  # ibm_botocore's default
 
 
 class StorageError(FeedrateError):
@@ -71,10 +82,27 @@ class RetryPolicy:
     resumes: int = 5  # ranged re-GETs per object read, after which the read fails
     base_delay_s: float = 0.1  # first wait; doubled on each further resume
     max_delay_s: float = 2.0
+    read_timeout_s: float = READ_TIMEOUT_S  # a socket read that waits longer fails (and is retried)
 
     def __post_init__(self) -> None:
         if self.resumes < 0 or self.base_delay_s < 0 or self.max_delay_s < 0:
             raise StorageError(f"retry policy values must be >= 0, got {self}")
+        if not self.read_timeout_s > 0:
+            raise StorageError(f"retry policy read_timeout_s must be > 0, got {self.read_timeout_s}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> RetryPolicy:
+        """The default policy, with the read timeout from `FEEDRATE_READ_TIMEOUT` (seconds) when set."""
+        value = environ.get(READ_TIMEOUT_ENV, "").strip()
+        if not value:
+            return cls()
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not (seconds > 0 and seconds < float("inf")):
+            raise StorageError(f"{READ_TIMEOUT_ENV}={value!r}; accepted: a number of seconds > 0")
+        return cls(read_timeout_s=seconds)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before resume number `attempt` (0-based): full jitter, capped."""
@@ -245,6 +273,9 @@ class LocalStore(Store):
             yield tmp_path
             os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide data from other users
             os.replace(tmp_path, target)
+        except OSError as exc:  # a full disk, a quota, a file size limit: the user's to fix
+            tmp_path.unlink(missing_ok=True)
+            raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from None
         except BaseException:
             tmp_path.unlink(missing_ok=True)
             raise
@@ -469,7 +500,7 @@ class ObjectStore(Store):
 
     def __init__(self, url: str, endpoint_url: str | None = None, retry: RetryPolicy | None = None) -> None:
         super().__init__(url)
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.from_env(os.environ)
         parts = urlsplit(url)
         self.bucket = parts.netloc
         if not self.bucket:
@@ -501,18 +532,27 @@ class ObjectStore(Store):
                 sdk, config_cls, _ = self._sdk()
                 config = config_cls(
                     connect_timeout=CONNECT_TIMEOUT_S,
-                    read_timeout=READ_TIMEOUT_S,
-                    retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+                    read_timeout=self.retry.read_timeout_s,
+                    retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},  # attempts, not retries
                     **self._extra_config(),
                 )
                 kwargs = self._client_kwargs()
                 if self.endpoint_url:
                     kwargs["endpoint_url"] = self.endpoint_url
                 try:
-                    self._client = sdk.client("s3", config=config, **kwargs)
+                    client = sdk.client("s3", config=config, **kwargs)
                 except Exception as exc:
                     raise self._translate(exc, self.url) from None
+                # Every attempt of every request (managed transfers' parts included) is created anew;
+                # the SDK numbers them, so attempts after the first are the SDK's retries.
+                client.meta.events.register("request-created.s3", self._count_retry)
+                self._client = client
             return self._client
+
+    def _count_retry(self, request: Any = None, **_: Any) -> None:
+        attempt = getattr(request, "context", {}).get("retries", {}).get("attempt", 1)
+        if attempt > 1:
+            self.counters.add(retries=1)
 
     def _extra_config(self) -> dict[str, Any]:
         return {}
@@ -532,6 +572,9 @@ class ObjectStore(Store):
         where = self.where()
         if isinstance(exc, StorageError):
             return exc
+        inner = exc.__cause__ or exc.__context__
+        if type(exc).__name__ == "S3UploadFailedError" and isinstance(inner, Exception):
+            return self._translate(inner, url)  # the managed upload's wrapper: the SDK error inside says why
         if isinstance(exc, errors.NoCredentialsError):
             return StorageError(f"no credentials for {url}: {self.sdk_hint}")
         if isinstance(exc, (errors.EndpointConnectionError, errors.ConnectTimeoutError)):
@@ -557,7 +600,9 @@ class ObjectStore(Store):
                 return StorageError(
                     f"access denied to {url}{where} (code {code}): check the credentials; {self.sdk_hint}"
                 )
-            return StorageError(f"{url}: {code or status} {error.get('Message', '')}".strip())
+            attempts = int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts", 0)) + 1
+            tried = f" (HTTP {status}, {attempts} attempts)" if attempts > 1 else ""
+            return StorageError(f"{url}: {code or status} {error.get('Message', '')}".strip() + tried)
         if isinstance(exc, errors.BotoCoreError):
             return StorageError(f"{url}: {type(exc).__name__}{where}")
         return StorageError(f"{url}: {type(exc).__name__}")
@@ -598,15 +643,14 @@ class ObjectStore(Store):
         return _ResumableBody(self, name, start, end)  # type: ignore[return-value]
 
     def _get(self, name: str, start: int, end: int | None, etag: str | None) -> dict[str, Any]:
-        """One GET of `name` from `start` to `end` (exclusive); the SDK's request retries are counted."""
+        """One GET of `name` from `start` to `end` (exclusive); the SDK's request retries are counted
+        by `_count_retry`."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name)}
         if start or end is not None:
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if etag:
             kwargs["IfMatch"] = etag  # a resume must read the same object version, or fail
-        response = self._call(self.url_for(name), self.client.get_object, **kwargs)
-        self.counters.add(retries=int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0)))
-        return response
+        return self._call(self.url_for(name), self.client.get_object, **kwargs)
 
     def _transient_errors(self) -> tuple[type[BaseException], ...]:
         """Exceptions that mean "the connection broke while the body was streaming"."""
@@ -633,39 +677,66 @@ class ObjectStore(Store):
         size = Path(local_path).stat().st_size
         # upload_file is the SDK's managed transfer: multipart above the threshold, retried parts,
         # and an aborted multipart upload when it fails or is interrupted.
-        self._call(
-            self.url_for(name),
-            self.client.upload_file,
-            Filename=str(local_path),
-            Bucket=self.bucket,
-            Key=self.key(name),
-            Config=self._transfer_config(),
-            Callback=callback,
-        )
+        try:
+            self._call(
+                self.url_for(name),
+                self.client.upload_file,
+                Filename=str(local_path),
+                Bucket=self.bucket,
+                Key=self.key(name),
+                Config=self._transfer_config(),
+                Callback=callback,
+            )
+        finally:
+            if size >= MULTIPART_THRESHOLD:
+                self._abort_open_uploads(name)
         self.counters.add(written=size)
+
+    def _abort_open_uploads(self, name: str) -> None:
+        """Abort multipart uploads of `name` still open after its upload finished, failed or was stopped.
+
+        The SDK aborts the upload it knows of, but not one it lost: when the answer to "start a
+        multipart upload" is cut off, the SDK retries and starts a second one, and the first stays open
+        on the server, invisible and billed, until a lifecycle rule removes it. Best effort (the
+        object's own error, if any, is the one that matters); every writer of a dataset key is this
+        process, so an open upload of the key is one of ours.
+        """
+        key = self.key(name)
+        with contextlib.suppress(Exception):
+            listing = self._call(
+                self.url_for(name), self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=key
+            )
+            for upload in listing.get("Uploads", []):
+                if upload.get("Key") == key:
+                    self._call(
+                        self.url_for(name),
+                        self.client.abort_multipart_upload,
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload["UploadId"],
+                    )
 
     def get_file(
         self, name: str, local_path: str | Path, callback: Callable[[int], Any] | None = None
     ) -> None:
+        """One GET streamed to a temporary file, resumed from the byte reached if the connection drops
+        (pinned to the object's ETag, counted in `retries`), then renamed into place.
+
+        Not the SDK's managed download: it restarts a broken part from the part's start, with a retry
+        loop of its own that cannot be counted. The files read here (shards, index files, CIFAR
+        batches) are at most a few tens of MB, for which one stream is as fast as parallel parts.
+        """
         local_path = Path(local_path)
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", suffix=".tmp", dir=local_path.parent)
-        os.close(fd)
-        try:
-            self._call(
-                self.url_for(name),
-                self.client.download_file,
-                Bucket=self.bucket,
-                Key=self.key(name),
-                Filename=tmp,
-                Config=self._transfer_config(),
-                Callback=callback,
-            )
-            os.replace(tmp, local_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self.counters.add(read=local_path.stat().st_size)
+        target = LocalStore(str(local_path.parent))
+        with (
+            target._atomic_target(local_path.name) as tmp,
+            self.open_read(name) as stream,
+            open(tmp, "wb") as f,
+        ):
+            while chunk := stream.read(READ_CHUNK):
+                f.write(chunk)
+                if callback:
+                    callback(len(chunk))
 
     def delete(self, name: str) -> None:
         self._call(self.url_for(name), self.client.delete_object, Bucket=self.bucket, Key=self.key(name))
@@ -715,7 +786,11 @@ class S3Store(ObjectStore):
     def _transfer_config(self) -> Any:
         from boto3.s3.transfer import TransferConfig
 
-        return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, max_concurrency=4)
+        return TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_CHUNKSIZE,
+            max_concurrency=4,
+        )
 
 
 class COSStore(ObjectStore):
@@ -740,16 +815,37 @@ class COSStore(ObjectStore):
         return ibm_boto3, ibm_botocore.config.Config, ibm_botocore.exceptions
 
     def _extra_config(self) -> dict[str, Any]:
-        # With an API key (and no HMAC pair) COS authenticates by IAM token: the "oauth" signer.
-        has_hmac = os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if os.environ.get("IBM_API_KEY_ID") and not has_hmac:
+        # With an API key COS authenticates by IAM token: the "oauth" signer. ibm_botocore's credential
+        # chain takes IBM_API_KEY_ID before an HMAC pair in the environment, so the signer follows it
+        # (an HMAC signer over token credentials fails whichever way the request goes).
+        if os.environ.get("IBM_API_KEY_ID"):
             return {"signature_version": "oauth"}
         return {}
+
+    def _translate(self, exc: Exception, url: str) -> StorageError:
+        """As ObjectStore's, plus a failed IAM token request (API key authentication), which the SDK
+        raises from `requests` or as a credential retrieval error: named with the token endpoint and
+        the HTTP status at most (the IAM server's own text is not repeated)."""
+        _, _, errors = self._sdk()
+        from_requests = type(exc).__module__.split(".")[0] == "requests"
+        if from_requests or isinstance(exc, errors.CredentialRetrievalError):
+            status = re.search(r"HttpCode\((\d+)\)", str(exc))
+            cause = f"HTTP {status.group(1)}" if status else type(exc).__name__
+            endpoint = redact_url(os.environ.get("IBM_AUTH_ENDPOINT") or IAM_TOKEN_ENDPOINT)
+            return StorageError(
+                f"cannot get an IAM token for {url} from {endpoint} ({cause}): check IBM_API_KEY_ID, "
+                "IBM_SERVICE_INSTANCE_ID and IBM_AUTH_ENDPOINT"
+            )
+        return super()._translate(exc, url)
 
     def _transfer_config(self) -> Any:
         from ibm_boto3.s3.transfer import TransferConfig
 
-        return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, max_concurrency=4)
+        return TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_CHUNKSIZE,
+            max_concurrency=4,
+        )
 
 
 # The scheme table: every URL feedrate accepts resolves here, and nowhere else.

@@ -11,12 +11,18 @@ Per epoch, the figures run.json reports:
 - AU (accelerator utilisation, MLPerf Storage's definition) = compute time / wall time with the first
   batch excluded, so worker start-up and the first fetch do not count against a steady-state figure.
   Wall time includes the loop's own bookkeeping (CSV rows, progress bar), which is not compute.
+
+A job of several processes (torchrun) is judged as a whole (`across_ranks`, `combine_ranks`): img/s
+is every rank's samples over the slowest rank's wall time (what the job delivers), while the data-wait
+fraction and AU are the means of the ranks' own fractions, as MLPerf Storage reports the mean AU of its
+accelerators. Under DDP a rank that waits for a slower peer does so inside the step's gradient
+all-reduce, so its compute time includes that wait; each rank's own figures sit beside the job's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -167,4 +173,55 @@ def combine(epochs: list[EpochStats]) -> dict[str, float | None]:
         "img_per_s": samples / duration if duration > 0 else None,
         "data_wait_fraction": loading / duration if duration > 0 else None,
         "au": min(1.0, compute / wall) if wall > 0 else None,
+    }
+
+
+def _mean(values: Sequence[float | int | None]) -> float | None:
+    """The mean of the figures the ranks have (a rank with a single batch has no AU), or None."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def across_ranks(ranks: Sequence[EpochStats]) -> dict[str, float | int | None]:
+    """One epoch of a job, from each rank's stats (indexed by rank), in `EpochStats.as_dict()`'s keys.
+
+    Samples are summed and the wall time is the slowest rank's, so img/s is what the job delivered;
+    times spent loading, computing and on the first batch are means over the ranks, and so are the
+    data-wait fraction and AU. One rank: exactly its own `as_dict()`.
+    """
+    if len(ranks) == 1:
+        return ranks[0].as_dict()
+    samples = sum(r.samples for r in ranks)
+    duration = max(r.duration for r in ranks)
+    return {
+        "batches": max(r.batches for r in ranks),
+        "samples": samples,
+        "seconds": duration,
+        "loading_seconds": _mean([r.loading for r in ranks]),
+        "compute_seconds": _mean([r.compute for r in ranks]),
+        "first_batch_seconds": _mean([r.first_batch for r in ranks]),
+        "img_per_s": samples / duration if duration > 0 else None,
+        "data_wait_fraction": _mean([r.data_wait_fraction for r in ranks]),
+        "au": _mean([r.au for r in ranks]),
+    }
+
+
+def combine_ranks(epochs: Sequence[Sequence[EpochStats]]) -> dict[str, float | None]:
+    """`combine` for a job: `epochs[i][r]` is epoch i of rank r. One rank: exactly `combine`'s figures.
+
+    img/s: all samples over the sum of each epoch's slowest wall time; data-wait fraction and AU: the
+    mean over the ranks of each rank's `combine` figure.
+    """
+    if not epochs:
+        return combine([])
+    ranks = len(epochs[0])
+    if ranks == 1:
+        return combine([e[0] for e in epochs])
+    per_rank = [combine([e[r] for e in epochs]) for r in range(ranks)]
+    duration = sum(max(r.duration for r in e) for e in epochs)
+    samples = sum(r.samples for e in epochs for r in e)
+    return {
+        "img_per_s": samples / duration if duration > 0 else None,
+        "data_wait_fraction": _mean([c["data_wait_fraction"] for c in per_rank]),
+        "au": _mean([c["au"] for c in per_rank]),
     }

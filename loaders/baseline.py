@@ -16,6 +16,7 @@ sha256, recorded as a type 10/11 download) for `s3://` / `cos://`.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -54,6 +55,17 @@ class CifarArrays(Dataset):
         return self.transform(image), int(self.labels[index])
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave stopping to the main process, which shuts them down (and whose death they notice).
+
+    Ctrl-C in a terminal and torchrun's forwarded SIGINT/SIGTERM reach the whole process group, workers
+    included: a worker that took the signal itself printed a traceback from its exit handlers, or died
+    of it and made the main process report a crashed worker while it was stopping cleanly.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TorchvisionLoader:
     """DataLoader over the split's CIFAR python batches; yields device tensors (see loaders.base)."""
 
@@ -71,16 +83,21 @@ class TorchvisionLoader:
         # set_epoch makes an epoch's order and augmentation a function of (seed, epoch).
         self._generator = torch.Generator()
         self._generator.manual_seed(cfg.seed)
-        self.sampler: torch.utils.data.Sampler
-        if cfg.world_size > 1:
-            # Each rank gets ceil(N / world_size) samples (DistributedSampler pads with repeats).
+        self.sampler: torch.utils.data.Sampler | list[int]
+        if cfg.world_size > 1 and cfg.train:
+            # torch's own distributed recipe: each rank gets ceil(N / world_size) samples of one
+            # permutation per epoch, the last ranks' parts padded with repeats from its start.
             self.sampler = DistributedSampler(
                 self.dataset,
                 num_replicas=cfg.world_size,
                 rank=cfg.rank,
-                shuffle=cfg.train,
+                shuffle=True,
                 seed=cfg.seed,
             )
+        elif cfg.world_size > 1:
+            # Evaluation: every world_size-th sample, no repeats (a padded sample would be counted
+            # twice in the accuracy; ranks evaluate without collectives, so their parts may differ by one).
+            self.sampler = list(range(cfg.rank, len(self.dataset), cfg.world_size))
         elif cfg.train:
             self.sampler = RandomSampler(self.dataset, generator=self._generator)
         else:
@@ -95,6 +112,7 @@ class TorchvisionLoader:
             pin_memory=self._pin,
             drop_last=False,
             generator=self._generator,
+            worker_init_fn=_ignore_stop_signals if cfg.workers else None,
         )
 
     # -- the loader protocol ----------------------------------------------------------------------------

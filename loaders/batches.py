@@ -3,11 +3,11 @@
 The torchvision baseline and the device-resident tensor loader both start from the split as one uint8
 array. Where the batches come from:
 - a local dataset root: read in place (after a size check against the manifest);
-- `s3://` / `cos://`: each batch file of the split is fetched with the store's managed transfer into a
-  cache directory (`cache_dir`, else a temporary one removed after loading) by the shared `ShardCache`,
-  which checks size and sha256 against the manifest and reuses a cached copy only when both match;
-  then the batches are unpickled. The fetch is recorded as a `Download` (CSV type 10 / 11), as the
-  seed did for its S3 and IBM COS runs.
+- `s3://` / `cos://`: each batch file of the split is fetched (one GET, resumed from the byte reached if
+  the connection drops; feedrate.storage) into a cache directory (`cache_dir`, else a temporary one
+  removed after loading) by the shared `ShardCache`, which checks size and sha256 against the manifest
+  and reuses a cached copy only when both match; then the batches are unpickled. The fetch is recorded
+  as a `Download` (CSV type 10 / 11), as the seed did for its S3 and IBM COS runs.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ class GraphSpec:
     num_shards: int
     device_id: int | None  # None: CPU operators only; else the GPU for decode and augmentation
     hw_decoder_load: float = 0.65  # share of jpg decoding given to the hardware decoder (A100/H100)
+    skip_incomplete: bool = False  # leave out samples that lack their image or label (else an error)
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -101,7 +102,7 @@ def _graph(spec: GraphSpec):  # type: ignore[no-untyped-def]  # a DALI graph, tr
         paths=list(spec.paths),
         index_paths=list(spec.index_paths),
         ext=[spec.encoding, "cls"],
-        missing_component_behavior="error",
+        missing_component_behavior="skip" if spec.skip_incomplete else "error",
         pad_last_batch=True,
         shard_id=spec.shard_id,
         num_shards=spec.num_shards,

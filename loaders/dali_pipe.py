@@ -21,8 +21,24 @@ continued: the next `__iter__` builds a fresh pipeline, seeded by (seed, epoch),
 milliseconds on the CPU. Epochs that run to the end go on with the same pipeline, whose reader
 reshuffles by itself.
 
+Several ranks (world_size > 1) must agree on each epoch's tar order, since their parts are ranges of it.
+A pipeline that went on by itself and one built afresh for the same epoch order it differently, and
+under torchrun the ranks do not all finish their epochs (train.py stops every rank at the shortest
+rank's batch count, so a rank with one more batch abandons its epoch). So with several ranks every
+training epoch starts a pipeline built for that epoch, seeded by (seed, epoch) alone: the same order
+everywhere. (Evaluation reads in stored order and needs no such care.)
+
 Knobs (`LoaderConfig.options`): threads (default: workers, else 2), prefetch (queue depth, default 2),
-initial_fill (shuffle buffer, default 4096), hw_decoder_load (0-1, default 0.65).
+initial_fill (shuffle buffer, default 4096), hw_decoder_load (0-1, default 0.65), skip_bad (bool).
+
+Bad data: DALI's own errors name neither the shard nor the sample (a sample without a label is "an
+underful sample at index line N", an undecodable image is a batch position), so when the pipeline fails
+the loader looks for the culprit itself (loaders.shards.first_bad_sample) and names the shard and key.
+With `skip_bad` (train.py's `--skip-bad`), what DALI can skip is skipped and counted in
+`stats()["skipped"]`, with a line on stderr: samples that lack their image or label (the reader's
+`missing_component_behavior="skip"`: they leave the epoch, counted once per epoch, on rank 0) and labels
+that are not class numbers (dropped from their batch on the host). An image that does not decode stays
+an error: DALI's decoders have no per-sample error policy.
 """
 
 from __future__ import annotations
@@ -45,7 +61,8 @@ import torch
 
 from feedrate.errors import FeedrateError
 from loaders.base import Download, LoaderConfig, batches_for
-from loaders.shards import DatasetRoot, ShardCache, ShardRef, local_path, open_dataset
+from loaders.shards import DatasetRoot, ShardCache, ShardRef, first_bad_sample, local_path, open_dataset
+from loaders.stages import SkipLog
 
 PACKAGE = "nvidia-dali-cuda120"
 FETCH_THREADS = 8  # concurrent whole-file GETs when filling the cache
@@ -63,6 +80,7 @@ class DaliOptions:
     prefetch: int = 2
     initial_fill: int = 4096
     hw_decoder_load: float = 0.65
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         for name in ("threads", "prefetch", "initial_fill"):
@@ -81,6 +99,12 @@ class DaliOptions:
         if unknown:
             raise FeedrateError(f"unknown dali option {', '.join(unknown)}; accepted: {', '.join(accepted)}")
         merged = {"threads": workers or cls.threads} | dict(options)
+        skip = merged.get("skip_bad", False)
+        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if isinstance(skip, str) and skip.lower() in words:
+            merged["skip_bad"] = words[skip.lower()]
+        elif not isinstance(skip, bool):
+            raise FeedrateError(f"dali option skip_bad={skip!r}; accepted: true, false")
         return cls(**merged)
 
 
@@ -103,26 +127,36 @@ def parse_labels(padded: np.ndarray, num_classes: int) -> np.ndarray:
     Horner's rule column by column over the whole batch (a row's digits end where its padding starts),
     so a label of any number of digits parses; anything that is not a class index is an error.
     """
+    labels, bad = label_rows(padded, num_classes)
+    if bad.any():
+        raise DaliError(_bad_label(padded, labels, bad, num_classes))
+    return labels
+
+
+def label_rows(padded: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, bad): `parse_labels` without raising; `bad` marks rows that are not a class index."""
     if padded.ndim != 2 or padded.shape[1] < 1:
         raise DaliError(f"label bytes have shape {padded.shape}; expected (batch, width)")
     present = padded != 0
     digits = padded.astype(np.int64) - ord("0")
     bad = ~present[:, 0] | (present & ((digits < 0) | (digits > 9))).any(axis=1)
     bad |= (present[:, 1:] & ~present[:, :-1]).any(axis=1)  # a NUL inside the text
-    if bad.any():
-        text = bytes(padded[int(np.flatnonzero(bad)[0])]).rstrip(b"\0")
-        raise DaliError(f"a .cls member holds {text!r}; expected ASCII digits (a class index)")
-    labels = digits[:, 0]
+    labels = np.where(bad, 0, digits[:, 0])
     for column in range(1, padded.shape[1]):
-        more = present[:, column]
+        more = present[:, column] & ~bad
         if not more.any():
             break
         labels = np.where(more, labels * 10 + digits[:, column], labels)
-    out_of_range = labels >= num_classes
-    if out_of_range.any():
-        value = int(labels[np.flatnonzero(out_of_range)[0]])
-        raise DaliError(f"label {value} is outside the dataset's classes 0..{num_classes - 1}")
-    return labels
+    return labels, bad | (labels >= num_classes)
+
+
+def _bad_label(padded: np.ndarray, labels: np.ndarray, bad: np.ndarray, num_classes: int) -> str:
+    """What is wrong with the first bad label of a batch."""
+    row = int(np.flatnonzero(bad)[0])
+    text = bytes(padded[row]).rstrip(b"\0")
+    if text.isdigit():
+        return f"label {int(labels[row])} is outside the dataset's classes 0..{num_classes - 1}"
+    return f"a .cls member holds {text!r}; expected ASCII digits (a class index)"
 
 
 def rank_samples(total: int, rank: int, world_size: int) -> int:
@@ -174,6 +208,8 @@ class DaliLoader:
         else:  # raw needs no decoding: its crop, flip and normalisation run on the GPU
             self.decode_device = "cuda" if manifest.encoding == "raw" else "mixed"
         self.downloads: list[Download] = []
+        self._skips = SkipLog("dali") if self.options.skip_bad else None
+        self._incomplete = 0  # samples of the split the reader leaves out (no image or no label)
         self._cache: ShardCache | None = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._local_bytes = 0
@@ -197,12 +233,20 @@ class DaliLoader:
             num_shards=cfg.world_size,
             device_id=device_id,
             hw_decoder_load=float(self.options.hw_decoder_load),
+            skip_incomplete=self.options.skip_bad,
         )
         self._epoch = 0
         self._pipe: Any = None
         self._iterator: Any = None
         self._fresh = False  # the current pipeline is at the start of an epoch
+        self._built_for = 0  # the epoch the current pipeline was built for
         self._build()
+        if self.options.skip_bad:
+            readable = int(self._pipe.reader_meta(self._ops.READER_NAME)["epoch_size"])
+            self._incomplete = total - readable
+            self.samples = rank_samples(readable, cfg.rank, cfg.world_size)
+            if self.samples < 1:
+                raise FeedrateError(f"rank {cfg.rank} of {cfg.world_size} gets no samples: all were skipped")
         if self._cache is not None:
             self.downloads.append(
                 Download(cfg.split, start, fetched, time.perf_counter() - t0, sum(r.samples for r in refs))
@@ -260,11 +304,13 @@ class DaliLoader:
             seed=_seed(self.cfg.seed, self._epoch, self.cfg.rank, 0xDA11),
             order_seed=_seed(self.cfg.seed, self._epoch, 0x0DE4),
         )
+        self._built_for = self._epoch
         try:
             self._pipe = self._ops.build_pipeline(spec)
         except RuntimeError as exc:
             raise DaliError(
                 f"DALI cannot read the {self.cfg.split} shards of {self.root.url}: {_reason(exc)}"
+                + self._culprit()
             ) from None
         # PARTIAL: the last batch keeps only real samples (the reader's padding is cut off here)
         self._iterator = DALIGenericIterator(
@@ -282,19 +328,24 @@ class DaliLoader:
         return batches_for(self.samples, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not self._fresh:
-            self._build()  # the last epoch was abandoned part-way: DALI cannot rewind
+        if not self._fresh or (self.cfg.train and self.cfg.world_size > 1 and self._built_for != self._epoch):
+            # the last epoch was abandoned part-way (DALI cannot rewind), or several ranks must start
+            # this epoch from one order (see the module docstring)
+            self._build()
         self._fresh = False
+        if self._incomplete and self._skips is not None and self.cfg.rank == 0:
+            self._skips.skip(self.root.url, [], "it lacks its image or its label", self._incomplete)
         left = self.samples
         while left > 0:
             out = self._next()
             if out is None:
                 raise DaliError(f"DALI ended the epoch {left} samples early (expected {self.samples})")
-            images, labels = out
-            left -= images.shape[0]
+            images, labels, read = out
+            left -= read
             if left == 0:
                 self._finish_epoch()  # before the last yield: a caller may stop right after it
-            yield images, labels
+            if labels.shape[0]:
+                yield images, labels
 
     def _advance(self) -> dict[str, torch.Tensor] | None:
         """DALI's next batch as a dict of torch tensors, or None at the end of the epoch."""
@@ -306,19 +357,40 @@ class DaliLoader:
             self._fresh = False  # a failed pipeline is not reused
             raise DaliError(
                 f"DALI failed on the {self.cfg.split} shards of {self.root.url}: {_reason(exc)}"
+                + self._culprit()
             ) from None
 
-    def _next(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The next non-empty batch of this epoch, or None at its end."""
+    def _next(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The next non-empty batch of this epoch and the samples DALI read for it (more than the batch
+        holds when bad labels were skipped), or None at the epoch's end."""
         while (out := self._advance()) is not None:
             images = out["images"]
             if images.shape[0] == 0:
                 continue  # only padding: a shorter rank's extra batch
-            labels = torch.from_numpy(parse_labels(out["labels"].numpy(), self.num_classes))
+            padded = out["labels"].numpy()
+            values, bad = label_rows(padded, self.num_classes)
+            read = images.shape[0]
+            if bad.any():
+                reason = _bad_label(padded, values, bad, self.num_classes)
+                if self._skips is None:
+                    raise DaliError(f"{self.root.url}: {reason}" + self._culprit())
+                self._skips.skip(self.root.url, [], reason, int(bad.sum()))
+                keep = torch.from_numpy(np.flatnonzero(~bad))
+                images, values = images[keep.to(images.device)], values[~bad]
+            labels = torch.from_numpy(values)
             if self.device.type == "cuda":
                 labels = labels.pin_memory().to(self.device, non_blocking=True)
-            return images, labels
+            return images, labels, read
         return None
+
+    def _culprit(self) -> str:
+        """`; the first bad sample: SHARD: sample KEY: why`, or "" when none is found (see the module
+        docstring). Only called when DALI has already failed: it reads and decodes every shard."""
+        for tar, idx in zip(self._spec.paths, self._spec.index_paths, strict=True):
+            found = first_bad_sample(Path(tar), Path(idx), self.root.manifest.encoding, self.num_classes)
+            if found is not None:
+                return f"; the first bad sample: {found}"
+        return ""
 
     def _finish_epoch(self) -> None:
         """Run the reader to its epoch end (padding only is left), so the next epoch starts clean."""
@@ -342,5 +414,5 @@ class DaliLoader:
             "retries": int(getattr(counters, "retries", 0)),
             "cache_hits": self._cache.hits if self._cache else 0,
             "cache_misses": self._cache.misses if self._cache else 0,
-            "skipped": 0,
+            "skipped": self._skips.count if self._skips else 0,
         }

@@ -10,6 +10,8 @@
 - `ShardFetcher`: a shard (or a byte range of one) as one in-memory buffer, in one read: the file in
   place, a verified cached copy, or one GET streamed into the buffer (sha256 checked as it arrives when
   asked to).
+- `first_bad_sample`: what is wrong with a local shard, naming the sample: for messages when a reader
+  that cannot say (DALI's) fails on it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ LABEL_EXT = "cls"
 
 class ShardError(FeedrateError):
     """A shard that is missing, truncated or does not match its manifest entry."""
+
+
+class TruncatedShard(ShardError):
+    """A read that got fewer bytes than the manifest promised; `data[:got]` holds what did arrive, so a
+    reader that skips bad samples can still use the samples that lie wholly inside it."""
+
+    def __init__(self, message: str, data: bytearray, got: int) -> None:
+        super().__init__(message)
+        self.data = data
+        self.got = got
 
 
 @dataclass(frozen=True)
@@ -207,7 +219,9 @@ class ShardIndex:
     """Where each sample of one shard lies: data offsets and sizes of its image and label members.
 
     Parsed from the shard's DALI index (`wds2idx` v1.2: per sample, `<ext> <offset> <size> <name>` for
-    each member). Arrays are int64, one entry per sample, in tar order.
+    each member). Arrays are int64, one entry per sample, in tar order. `missing` marks samples that lack
+    their image or their label (only a lenient parse lets them through; their absent member has size 0
+    at the offset of the other, so byte spans stay right).
     """
 
     name: str
@@ -217,9 +231,22 @@ class ShardIndex:
     image_size: np.ndarray
     label_offset: np.ndarray
     label_size: np.ndarray
+    missing: np.ndarray | None = None  # bool per sample; None: none missing
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @classmethod
+    def empty(cls, name: str, image_ext: str) -> ShardIndex:
+        """The index of a shard that cannot be used at all (its samples are skipped)."""
+        none = np.zeros(0, dtype=np.int64)
+        return cls(name, (), image_ext, none, none, none, none)
+
+    def missing_rows(self, first: int, stop: int) -> np.ndarray:
+        """Bool per sample first..stop-1: True where the sample lacks a member."""
+        if self.missing is None:
+            return np.zeros(stop - first, dtype=bool)
+        return self.missing[first:stop]
 
     def span(self, first: int, stop: int) -> tuple[int, int]:
         """The byte range [start, end) of the shard that holds the data of samples first..stop-1."""
@@ -231,8 +258,11 @@ class ShardIndex:
         return start, end
 
 
-def parse_index(text: str, shard: str, image_ext: str) -> ShardIndex:
-    """A ShardIndex from the text of `shard`'s .idx; every sample needs one `image_ext` and one cls."""
+def parse_index(text: str, shard: str, image_ext: str, lenient: bool = False) -> ShardIndex:
+    """A ShardIndex from the text of `shard`'s .idx; every sample needs one `image_ext` and one cls.
+
+    A sample without both is a ShardError naming the shard and its key, unless `lenient`: then it is
+    marked in `missing` (for a reader that skips bad samples). A malformed index is always an error."""
     lines = text.splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
@@ -242,18 +272,25 @@ def parse_index(text: str, shard: str, image_ext: str) -> ShardIndex:
         raise ShardError(f"index of {shard}: header says {head[1]} samples, it lists {len(rows)}")
     keys: list[str] = []
     table = np.zeros((len(rows), 4), dtype=np.int64)  # image offset, image size, label offset, label size
+    missing = np.zeros(len(rows), dtype=bool)
     for i, row in enumerate(rows):
-        if len(row) % 4:
+        if len(row) % 4 or not all(row[j].isdigit() and row[j + 1].isdigit() for j in range(1, len(row), 4)):
             raise ShardError(f"index of {shard}: malformed line {i + 2}: {' '.join(row)[:80]}")
         members = {row[j]: (row[j + 1], row[j + 2], row[j + 3]) for j in range(0, len(row), 4)}
         image, label = members.get(image_ext), members.get(LABEL_EXT)
         key = _member_key(row[3])
+        keys.append(key)
         if image is None or label is None:
             have = ", ".join(sorted(members))
-            raise ShardError(f"{shard}: sample {key} lacks a .{image_ext} or .cls member (has: {have})")
+            if not lenient:
+                raise ShardError(f"{shard}: sample {key} lacks a .{image_ext} or .cls member (has: {have})")
+            missing[i] = True
+            present = image or label or (row[1], "0", "")
+            image, label = image or (present[0], "0", ""), label or (present[0], "0", "")
         table[i] = (int(image[0]), int(image[1]), int(label[0]), int(label[1]))
-        keys.append(key)
-    return ShardIndex(shard, tuple(keys), image_ext, *table.T.copy())
+    return ShardIndex(
+        shard, tuple(keys), image_ext, *table.T.copy(), missing=missing if missing.any() else None
+    )
 
 
 def _member_key(member: str) -> str:
@@ -318,22 +355,27 @@ class ShardFetcher:
                     digest.update(view[filled : filled + n])
                 filled += n
             longer = whole and filled == len(data) and bool(stream.read(1))
-        if filled != len(data) or longer:
-            got = f"more than {filled}" if longer else str(filled)
-            raise ShardError(f"{url}: got {got} of {len(data)} bytes (truncated or replaced shard)")
+        if longer:
+            raise ShardError(f"{url}: got more than {filled} of {len(data)} bytes (replaced shard)")
+        if filled != len(data):
+            raise TruncatedShard(
+                f"{url}: got {filled} of {len(data)} bytes (truncated or replaced shard)", data, filled
+            )
         if digest and sha256 and digest.hexdigest() != sha256:
             raise corrupt(url, digest.hexdigest(), sha256)
         return data
 
-    def read_index(self, ref: ShardRef) -> ShardIndex:
-        """The parsed index of `ref`, always verified (it is small and decides every slice)."""
+    def read_index(self, ref: ShardRef, lenient: bool = False) -> ShardIndex:
+        """The parsed index of `ref`, always verified (it is small and decides every slice); `lenient`
+        lets samples that lack a member through, marked (see `parse_index`)."""
         fetch = lambda: self._get(ref.index_name, 0, ref.index_bytes, None, whole=True)  # noqa: E731
         if self.cache is not None:
             data = self.cache.read_through(ref.index_name, ref.index_bytes, ref.index_sha256, fetch)
         else:
             data = fetch()
             check_bytes(data, ref.index_bytes, ref.index_sha256, self.root.store.url_for(ref.index_name))
-        return parse_index(data.decode("ascii", errors="replace"), ref.name, self.root.manifest.encoding)
+        text = data.decode("ascii", errors="replace")
+        return parse_index(text, ref.name, self.root.manifest.encoding, lenient=lenient)
 
     def stats(self) -> dict[str, int]:
         counters = self.root.store.counters
@@ -344,3 +386,35 @@ class ShardFetcher:
             "cache_hits": self.cache.hits if self.cache else 0,
             "cache_misses": self.cache.misses if self.cache else 0,
         }
+
+
+def first_bad_sample(tar: Path, idx: Path, encoding: str, classes: int) -> str | None:
+    """`SHARD: sample KEY: what is wrong` for the first bad sample of a local shard, or None when every
+    sample is sound: a member missing, a label that is not a class number, an image that does not decode.
+
+    It reads and decodes the whole shard, so it is for error messages only: DALI reports a sample
+    without a label by index line and an undecodable image by batch position, and neither names it.
+    """
+    from loaders.decode import DECODERS, DecodeError, parse_labels
+
+    try:
+        index = parse_index(idx.read_text(encoding="ascii", errors="replace"), str(tar), encoding)
+        data = memoryview(bytearray(tar.read_bytes()))  # writable: decoders view it as a tensor
+    except ShardError as exc:
+        return str(exc)
+    except OSError:
+        return None
+    for i, key in enumerate(index.keys):
+        end = max(index.image_offset[i] + index.image_size[i], index.label_offset[i] + index.label_size[i])
+        if end > len(data):
+            return f"{tar}: sample {key}: its index points past the end of the shard"
+        label, bad = parse_labels(data, index.label_offset[i : i + 1], index.label_size[i : i + 1])
+        if bad >= 0:
+            return f"{tar}: sample {key}: the .cls member is not an integer"
+        if not 0 <= int(label[0]) < classes:
+            return f"{tar}: sample {key}: label {int(label[0])} is outside 0..{classes - 1}"
+        try:
+            DECODERS[(encoding, "auto")]([(data, index.image_offset[i : i + 1], index.image_size[i : i + 1])])
+        except DecodeError as exc:
+            return f"{tar}: sample {key}: cannot decode ({exc.cause})"
+    return None

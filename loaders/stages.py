@@ -1,5 +1,6 @@
 """The generator stages a shard reader chains, each short, with one error policy: raise, naming the
-shard and the sample.
+shard and the sample -- or, when the reader skips bad data (the `skip_bad` option), leave the sample
+out, count it and name it on stderr (`SkipLog`), never silently.
 
     units ─► load_unit ─► prefetched ─► drawn ─► decoded ─► transformed
              (one read)   (a thread    (shuffle  (uint8     (augment or
@@ -7,12 +8,22 @@ shard and the sample.
 
 Samples are never Python objects of their own: a loaded unit is one buffer plus index arrays, the
 shuffle buffer is two integer arrays, and each stage works a batch at a time.
+
+What counts as bad data, and what skipping it means:
+- a shard that cannot be used at all (its index is corrupt or disagrees with the manifest, its bytes
+  fail the sha256 check or are longer than the manifest says): all of the unit's samples;
+- a truncated shard: the samples whose bytes did not all arrive (the others are used);
+- a sample that lacks its image or its label, whose label is not an integer or not a class, or whose
+  image does not decode: that sample.
+Storage that cannot be reached is never "bad data": it fails after its retry budget (feedrate.storage).
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +34,43 @@ import torch
 from loaders.augment import augment, normalize
 from loaders.decode import DecodeError, Decoder, parse_labels
 from loaders.partition import Unit
-from loaders.shards import ShardError, ShardFetcher, ShardIndex, ShardRef
+from loaders.shards import ShardError, ShardFetcher, ShardIndex, ShardRef, TruncatedShard
+
+WARN_LINES = 10  # skips named on stderr per process; later ones are counted only
+
+
+class SkipLog:
+    """Samples a reader left out: counted for stats()["skipped"], and named on stderr (the first
+    `warn_lines` skips of a process, then a note that later ones are only counted), never silently.
+    Thread-safe: units are loaded in a prefetch thread."""
+
+    def __init__(self, prog: str = "wds", warn_lines: int = WARN_LINES) -> None:
+        self.prog = prog
+        self.warn_lines = warn_lines
+        self.count = 0
+        self._printed = 0
+        self._lock = threading.Lock()
+
+    def skip(self, url: str, keys: Sequence[str], reason: str, count: int | None = None) -> None:
+        """Record `count` skipped samples (default: one per key) of shard `url`, and why."""
+        n = len(keys) if count is None else count
+        if n <= 0:
+            return
+        with self._lock:
+            self.count += n
+            self._printed += 1
+            printed = self._printed
+        if printed <= self.warn_lines:
+            named = f" ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" if keys else ""
+            print(
+                f"{self.prog}: skipped {n} sample(s) of {url}{named}: {reason}", file=sys.stderr, flush=True
+            )
+        if printed == self.warn_lines:
+            print(
+                f"{self.prog}: further skipped samples are counted in stats() only",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 @dataclass
@@ -37,10 +84,16 @@ class LoadedUnit:
     data: memoryview  # shard bytes from offset `base`
     base: int
     labels: np.ndarray  # int64, one per sample of the unit
+    good: np.ndarray | None = None  # positions of the usable samples (None: all of them)
 
     @property
     def samples(self) -> int:
         return self.stop - self.first
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Positions (0-based in the unit) of the samples that may be drawn."""
+        return np.arange(self.samples) if self.good is None else self.good
 
     def part(self, positions: np.ndarray) -> tuple[memoryview, np.ndarray, np.ndarray]:
         """(buffer, offsets, sizes) of the images at unit positions `positions`."""
@@ -52,28 +105,100 @@ class LoadedUnit:
 
 
 def load_unit(
-    unit: Unit, ref: ShardRef, index: ShardIndex, fetcher: ShardFetcher, classes: int
+    unit: Unit,
+    ref: ShardRef,
+    index: ShardIndex,
+    fetcher: ShardFetcher,
+    classes: int,
+    skips: SkipLog | None = None,
+    unusable: str = "",
 ) -> LoadedUnit:
-    """Read a unit's bytes (one read) and parse its labels; errors name the shard and the sample."""
+    """Read a unit's bytes (one read) and parse its labels; errors name the shard and the sample.
+
+    With `skips`, bad samples are left out of the unit's `good` positions and counted instead, and
+    `unusable` (why the whole shard cannot be used, found when its index was read) skips all of them.
+    """
     url = fetcher.root.store.url_for(ref.name)
+    nothing = np.zeros(0, dtype=np.int64)
+    if unusable:  # only a skipping reader gets here: otherwise the loader refused the shard when built
+        if skips is None:
+            raise ShardError(unusable)
+        skips.skip(url, [], unusable, unit.samples)
+        return LoadedUnit(url, index, unit.first, unit.stop, memoryview(b""), 0, nothing, nothing)
     base, end = (0, ref.bytes) if unit.whole else index.span(unit.first, unit.stop)
-    data = fetcher.read(ref, base, end)
+    truncated = ""
+    try:
+        data = fetcher.read(ref, base, end)
+    except TruncatedShard as exc:
+        data, truncated = memoryview(exc.data)[: exc.got], str(exc)
+        if skips is not None and (fetcher.verify or fetcher.cache is not None):
+            # verified reading was asked for, and a part of a shard cannot be checked: none of it is used
+            skips.skip(url, [], f"{truncated.removeprefix(f'{url}: ')}; unverifiable", unit.samples)
+            return LoadedUnit(url, index, unit.first, unit.stop, memoryview(b""), 0, nothing, nothing)
+    except ShardError as exc:  # corrupt, longer than the manifest says, or a bad cached copy
+        if skips is None:
+            raise
+        skips.skip(url, [], str(exc).removeprefix(f"{url}: ").removeprefix(url).strip(), unit.samples)
+        return LoadedUnit(url, index, unit.first, unit.stop, memoryview(b""), 0, nothing, nothing)
     rows = slice(unit.first, unit.stop)
+    keys = index.keys[rows]
+    bad = np.zeros(unit.samples, dtype=bool)
+
+    def reject(mask: np.ndarray, reason: str) -> None:
+        """Samples `mask` are bad: an error naming the first (no skips), else skipped and counted."""
+        mask = mask & ~bad
+        if not mask.any():
+            return
+        first = int(np.flatnonzero(mask)[0])
+        if skips is None:
+            raise ShardError(f"{url}: sample {keys[first]}: {reason}")
+        skips.skip(url, [keys[i] for i in np.flatnonzero(mask)], reason)
+        bad[mask] = True
+
     ends = np.maximum(
         index.image_offset[rows] + index.image_size[rows], index.label_offset[rows] + index.label_size[rows]
     )
-    if ends.size and int(ends.max()) - base > len(data):
-        raise ShardError(f"{url}: its index points past the end of the shard (index and shard disagree)")
-    labels, bad = parse_labels(data, index.label_offset[rows] - base, index.label_size[rows])
-    if bad >= 0:
-        raise ShardError(f"{url}: sample {index.keys[unit.first + bad]}: the .cls member is not an integer")
-    outside = np.flatnonzero((labels < 0) | (labels >= classes))
-    if outside.size:
-        i = int(outside[0])
-        raise ShardError(
-            f"{url}: sample {index.keys[unit.first + i]}: label {labels[i]} is outside 0..{classes - 1}"
-        )
-    return LoadedUnit(url, index, unit.first, unit.stop, data, base, labels)
+    past = ends - base > len(data)
+    if truncated:
+        if skips is None:  # name the first sample it cost, when it cost any
+            lost = [keys[i] for i in np.flatnonzero(past)]
+            more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
+            raise ShardError(truncated + (f"; sample {lost[0]}{more} did not arrive whole" if lost else ""))
+        reject(past, "its bytes did not all arrive (truncated shard)")
+    reject(past, "its index points past the end of the shard (index and shard disagree)")
+    missing = index.missing_rows(unit.first, unit.stop)
+    reject(missing, f"it lacks a .{index.image_ext} or .cls member")
+    labels = _parse_labels(data, index.label_offset[rows] - base, index.label_size[rows], bad, reject)
+    outside = ~bad & ((labels < 0) | (labels >= classes))
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        reject(outside, f"label {labels[i]} is outside 0..{classes - 1}")
+    good = None if not bad.any() else np.flatnonzero(~bad)
+    return LoadedUnit(url, index, unit.first, unit.stop, data, base, labels, good)
+
+
+def _parse_labels(
+    data: memoryview,
+    offsets: np.ndarray,
+    sizes: np.ndarray,
+    bad: np.ndarray,
+    reject: Callable[[np.ndarray, str], None],
+) -> np.ndarray:
+    """Labels of the samples not yet `bad`; each one that is not an integer goes to `reject` (which
+    raises, or marks it bad), and the rest are parsed again: one pass unless a label is bad."""
+    labels = np.zeros(len(offsets), dtype=np.int64)
+    todo = np.flatnonzero(~bad)
+    while todo.size and len(data):
+        parsed, first = parse_labels(data, offsets[todo], sizes[todo])
+        if first < 0:
+            labels[todo] = parsed
+            break
+        labels[todo[:first]] = parsed[:first]
+        mask = np.zeros(len(offsets), dtype=bool)
+        mask[todo[first]] = True
+        reject(mask, "the .cls member is not an integer")
+        todo = todo[first + 1 :]
+    return labels
 
 
 def prefetched(
@@ -105,10 +230,13 @@ def drawn(
     owner = np.zeros(0, dtype=np.int64)
     position = np.zeros(0, dtype=np.int64)
     for unit in loaded:
+        usable = unit.usable
+        if not len(usable):
+            continue  # every sample of it was skipped
         units.append(unit)
-        left.append(unit.samples)
-        owner = np.concatenate([owner, np.full(unit.samples, len(units) - 1)])
-        position = np.concatenate([position, np.arange(unit.samples)])
+        left.append(len(usable))
+        owner = np.concatenate([owner, np.full(len(usable), len(units) - 1)])
+        position = np.concatenate([position, usable])
         while len(owner) >= buffer + batch:
             owner, position, draw = _take(units, left, owner, position, batch, rng)
             yield draw
@@ -141,16 +269,27 @@ def _take(
     return owner[keep], position[keep], draw
 
 
-def decoded(draws: Iterable[Draw], decoder: Decoder, with_keys: bool) -> Iterator[tuple]:
-    """(uint8 images, int64 labels, keys or None) per draw; a bad image names its shard and key."""
+def decoded(
+    draws: Iterable[Draw], decoder: Decoder, with_keys: bool, skips: SkipLog | None = None
+) -> Iterator[tuple]:
+    """(uint8 images, int64 labels, keys or None) per draw; a bad image names its shard and key, or
+    (with `skips`) is left out of its batch and counted, and the rest of the batch is decoded again."""
     for draw in draws:
-        try:
-            images = decoder([unit.part(positions) for unit, positions in draw])
-        except DecodeError as exc:
-            unit, position = _locate(draw, exc.position)
-            raise ShardError(
-                f"{unit.url}: sample {unit.key(position)}: cannot decode ({exc.cause})"
-            ) from None
+        images = None
+        while draw:
+            try:
+                images = decoder([unit.part(positions) for unit, positions in draw])
+                break
+            except DecodeError as exc:
+                unit, position = _locate(draw, exc.position)
+                if skips is None:
+                    raise ShardError(
+                        f"{unit.url}: sample {unit.key(position)}: cannot decode ({exc.cause})"
+                    ) from None
+                skips.skip(unit.url, [unit.key(position)], f"cannot decode ({exc.cause})")
+                draw = _without(draw, exc.position)
+        if images is None:
+            continue  # every sample of the draw was skipped
         labels = torch.from_numpy(np.concatenate([unit.labels[positions] for unit, positions in draw]))
         keys = [unit.key(p) for unit, positions in draw for p in positions.tolist()] if with_keys else None
         yield images, labels, keys
@@ -163,6 +302,17 @@ def transformed(
     for images, labels, keys in batches:
         out = augment(images, generator, layout) if train else normalize(images, layout)
         yield out, labels, keys
+
+
+def _without(draw: Draw, position: int) -> Draw:
+    """The draw without its sample at `position` (counted across its parts, in order)."""
+    out: Draw = []
+    for unit, positions in draw:
+        kept = np.delete(positions, position) if 0 <= position < len(positions) else positions
+        position -= len(positions)
+        if len(kept):
+            out.append((unit, kept))
+    return out
 
 
 def _locate(draw: Draw, position: int) -> tuple[LoadedUnit, int]:

@@ -29,10 +29,19 @@ The data path, per reader (the main process, or each DataLoader worker):
   misses) to every batch it sends and to a last counters-only message; the main process keeps the
   latest per reader process and adds them up in `stats()`.
 
+- Bad data (a corrupt or truncated shard, a sample without its image or label, a label that is not a
+  class number, an image that does not decode, an index that disagrees with the manifest) is an error
+  naming the shard and the sample's key. With `skip_bad` it is left out instead: counted in
+  `stats()["skipped"]` (per epoch, every sample of the split is either yielded once or counted there)
+  and named on stderr (the first few per reader process; stages.SkipLog). An epoch may then end with
+  fewer batches than `len()`. Storage that cannot be reached is never skipped: it fails after its
+  retry budget (feedrate.storage).
+
 Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from a command line):
 `verify` (bool), `shuffle_buffer` (samples, >= 0), `decode` (auto | torchvision | pil | numpy, by
 encoding), `prefetch` (shards fetched ahead per reader, >= 0; default 1), `augment_at` (auto | reader |
-device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check).
+device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check),
+`skip_bad` (bool: skip and count bad samples instead of failing; train.py's `--skip-bad`).
 Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
 from (about 2 at the default sizes), and up to 4 batches in flight to the main process.
 """
@@ -58,12 +67,13 @@ from loaders.base import Download, LoaderConfig, batches_for
 from loaders.decode import DECODERS, decode_choices
 from loaders.partition import Unit, rank_units, worker_units
 from loaders.shards import DatasetRoot, ShardError, ShardFetcher, ShardIndex, ShardRef, open_dataset
-from loaders.stages import LoadedUnit, decoded, drawn, load_unit, prefetched, transformed
+from loaders.stages import LoadedUnit, SkipLog, decoded, drawn, load_unit, prefetched, transformed
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 DEFAULT_PREFETCH = 1
 AUGMENT_AT = ("auto", "reader", "device")
 INDEX_READERS = 8  # threads reading index files when the loader is built (remote: latency-bound)
+EPOCH_SKIPPED = "epoch_skipped"  # a reader's last message of an epoch: samples it skipped in that epoch
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class WdsOptions:
     prefetch: int = DEFAULT_PREFETCH
     keys: bool = False
     augment_at: str = "auto"
+    skip_bad: bool = False
 
     @classmethod
     def parse(cls, options: dict[str, Any], encoding: str) -> WdsOptions:
@@ -84,7 +95,7 @@ class WdsOptions:
         if unknown:
             raise FeedrateError(f"unknown wds option {unknown[0]!r}; accepted: {', '.join(sorted(names))}")
         values = dict(options)
-        for name in ("verify", "keys"):
+        for name in ("verify", "keys", "skip_bad"):
             if name in values:
                 values[name] = _as_bool(name, values[name])
         for name in ("shuffle_buffer", "prefetch"):
@@ -130,6 +141,7 @@ class StreamSpec:
     manifest: Manifest
     refs: tuple[ShardRef, ...]
     indexes: tuple[ShardIndex, ...]
+    unusable: tuple[str, ...]  # per shard: why it cannot be used at all ("" when it can; skip_bad only)
     units: tuple[Unit, ...]  # this rank's units
     rank: int
     batch_size: int
@@ -150,15 +162,17 @@ class _ReaderState:
         self.pool = ThreadPoolExecutor(
             max_workers=max(1, spec.options.prefetch), thread_name_prefix="wds-fetch"
         )
+        self.skips = SkipLog("wds") if spec.options.skip_bad else None
 
     def stats(self) -> dict[str, int]:
-        return self.fetcher.stats()
+        return dict(self.fetcher.stats(), skipped=self.skips.count if self.skips else 0)
 
 
 class ShardStream(IterableDataset):
     """Yields (images, labels, keys | None, pid, counters, None) per batch of this reader's units, then
     (None, None, None, pid, counters, error) once the reader is done: error is None, or the (class
-    name, message) of the FeedrateError that stopped it."""
+    name, message) of the FeedrateError that stopped it. The last message's counters also hold
+    `EPOCH_SKIPPED`: the samples this reader skipped in this epoch."""
 
     def __init__(self, spec: StreamSpec) -> None:
         super().__init__()
@@ -184,6 +198,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         state, pid = self._local(), os.getpid()
+        skipped_before = state.stats()["skipped"]
         try:
             for images, labels, keys in self._batches(worker, workers, int(self._epoch.value), state):
                 yield images, labels, keys, pid, state.stats(), None
@@ -192,7 +207,8 @@ class ShardStream(IterableDataset):
             # process re-raises it as it is, not wrapped in a worker traceback.
             yield None, None, None, pid, state.stats(), (type(exc).__name__, str(exc))
             return
-        yield None, None, None, pid, state.stats(), None
+        counters = state.stats()
+        yield None, None, None, pid, counters | {EPOCH_SKIPPED: counters["skipped"] - skipped_before}, None
 
     def _batches(self, worker: int, workers: int, epoch: int, state: _ReaderState) -> Iterator[tuple]:
         """The reader's pipeline: units -> loaded shards -> drawn batches -> decoded (-> augmented)."""
@@ -201,12 +217,15 @@ class ShardStream(IterableDataset):
         classes = len(spec.manifest.class_names)
 
         def load(unit: Unit) -> LoadedUnit:
-            return load_unit(unit, spec.refs[unit.shard], spec.indexes[unit.shard], state.fetcher, classes)
+            ref, index, unusable = spec.refs[unit.shard], spec.indexes[unit.shard], spec.unusable[unit.shard]
+            return load_unit(unit, ref, index, state.fetcher, classes, state.skips, unusable)
 
         loaded = prefetched(units, load, state.pool, spec.options.prefetch)
         rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker]) if spec.train else None
         buffer = spec.options.shuffle_buffer if spec.train else 0
-        batches = decoded(drawn(loaded, spec.batch_size, buffer, rng), self.decoder, spec.options.keys)
+        batches = decoded(
+            drawn(loaded, spec.batch_size, buffer, rng), self.decoder, spec.options.keys, state.skips
+        )
         if spec.augment_in_reader:
             seed = int(np.random.SeedSequence([spec.seed, epoch, spec.rank, worker]).generate_state(1)[0])
             batches = transformed(
@@ -227,11 +246,29 @@ def _rank_of(cfg: LoaderConfig) -> tuple[int, int]:
     return 0, 1
 
 
-def _read_indexes(fetcher: ShardFetcher, refs: list[ShardRef]) -> list[ShardIndex]:
+def _read_indexes(
+    fetcher: ShardFetcher, refs: list[ShardRef], skip_bad: bool
+) -> list[tuple[ShardIndex, str]]:
+    """Each shard's index and, with `skip_bad`, why the shard cannot be used ("" when it can)."""
+
+    def read(ref: ShardRef) -> tuple[ShardIndex, str]:
+        try:
+            index = fetcher.read_index(ref, lenient=skip_bad)
+            if len(index) != ref.samples:
+                raise ShardError(
+                    f"{fetcher.root.store.url_for(ref.index_name)} lists {len(index)} samples; the manifest "
+                    f"says {ref.name} holds {ref.samples} (the manifest does not match the shards)"
+                )
+            return index, ""
+        except ShardError as exc:
+            if not skip_bad:
+                raise
+            return ShardIndex.empty(ref.name, fetcher.root.manifest.encoding), str(exc)
+
     if fetcher.local or len(refs) == 1:
-        return [fetcher.read_index(ref) for ref in refs]
+        return [read(ref) for ref in refs]
     with ThreadPoolExecutor(max_workers=INDEX_READERS, thread_name_prefix="wds-index") as pool:
-        return list(pool.map(fetcher.read_index, refs))
+        return list(pool.map(read, refs))
 
 
 class WdsLoader:
@@ -252,12 +289,14 @@ class WdsLoader:
             # with 2 intra-op threads next to 2 busy workers on 2 cores, throughput fell by a third).
             at = "reader" if self.device.type == "cpu" and cfg.workers > 0 else "device"
         self._fetcher = ShardFetcher(root, cfg.cache_dir, self.options.verify)  # index reads, counted
+        indexes, unusable = zip(*_read_indexes(self._fetcher, refs, self.options.skip_bad), strict=True)
         spec = StreamSpec(
             url=root.url if root.store.is_local else cfg.data,
             endpoint_url=cfg.endpoint_url,
             manifest=root.manifest,
             refs=tuple(refs),
-            indexes=tuple(_read_indexes(self._fetcher, refs)),
+            indexes=tuple(indexes),
+            unusable=tuple(unusable),
             units=tuple(units),
             rank=rank,
             batch_size=cfg.batch_size,
@@ -276,6 +315,7 @@ class WdsLoader:
         self._layout = self._stream.decoder.layout
         self._epoch = 0
         self._reader_stats: dict[int, dict[str, int]] = {}
+        self._epoch_skipped = 0  # samples the readers skipped in the epoch being read
         self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
@@ -335,12 +375,14 @@ class WdsLoader:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.cfg.seed * 1_000_003 + self._epoch)
         yielded = 0
+        self._epoch_skipped = 0
         for images, labels, keys in self._rebatched(self._messages()):
             yielded += len(labels)
             yield self._finish(images, labels, generator), labels.to(self.device, non_blocking=True), keys
-        if yielded != self.samples:
+        if yielded + self._epoch_skipped != self.samples:
             raise FeedrateError(
-                f"wds loader yielded {yielded} samples in epoch {self._epoch}, expected {self.samples}"
+                f"wds loader yielded {yielded} samples in epoch {self._epoch} and skipped "
+                f"{self._epoch_skipped}, expected {self.samples} in all"
             )
 
     def _rebatched(self, messages: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
@@ -349,6 +391,7 @@ class WdsLoader:
         pending: list[tuple] = []
         have = 0
         for images, labels, keys, pid, counters, error in messages:
+            self._epoch_skipped += counters.pop(EPOCH_SKIPPED, 0)
             self._reader_stats[pid] = counters
             if error is not None:
                 raise _reader_error(*error)

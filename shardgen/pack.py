@@ -8,9 +8,12 @@ one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +82,21 @@ def _stale_names(store: Store, keep: set[str]) -> list[str]:
     return stale
 
 
+@contextlib.contextmanager
+def _staging_room(staging: Path) -> Iterator[None]:
+    """A full staging area (the system's temporary directory) is the user's to fix: say where it is
+    and how to choose another, instead of a bare "No space left on device"."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        raise FeedrateError(
+            f"cannot write the staging files under {staging}: {exc.strerror}; set TMPDIR to a directory "
+            "with room for the dataset"
+        ) from None
+
+
 def build(cfg: ShardgenConfig) -> Manifest:
     """Write the dataset described by `cfg`; returns the manifest (already published)."""
     store = open_store(cfg.dest, endpoint_url=cfg.endpoint_url)
@@ -91,15 +109,16 @@ def build(cfg: ShardgenConfig) -> Manifest:
 
     with tempfile.TemporaryDirectory(prefix="shardgen-") as tmp:
         staging = Path(tmp)
-        data = load_source(
-            cfg.source,
-            cfg.cache_dir,
-            staging / "source",
-            synthetic_train=cfg.synthetic_train,
-            synthetic_test=cfg.synthetic_test,
-            seed=cfg.seed,
-            allow_download=cfg.allow_download,
-        )
+        with _staging_room(staging):
+            data = load_source(
+                cfg.source,
+                cfg.cache_dir,
+                staging / "source",
+                synthetic_train=cfg.synthetic_train,
+                synthetic_test=cfg.synthetic_test,
+                seed=cfg.seed,
+                allow_download=cfg.allow_download,
+            )
         for note in data.notes:
             print(note, file=sys.stderr, flush=True)
         if cfg.overwrite and store.exists(MANIFEST_NAME):
@@ -122,17 +141,18 @@ def build(cfg: ShardgenConfig) -> Manifest:
 
             for split in cfg.splits:
                 images, labels = data.splits[split]
-                written = write_split(
-                    split,
-                    images,
-                    labels,
-                    shard_dir,
-                    cfg.fmt,
-                    cfg.shard_size,
-                    cfg.seed,
-                    on_shard=publish,
-                    on_sample=bar.update,
-                )
+                with _staging_room(staging):
+                    written = write_split(
+                        split,
+                        images,
+                        labels,
+                        shard_dir,
+                        cfg.fmt,
+                        cfg.shard_size,
+                        cfg.seed,
+                        on_shard=publish,
+                        on_sample=bar.update,
+                    )
                 splits[split] = SplitEntry(
                     samples=sum(s.samples for s in written),
                     shards=[
@@ -172,4 +192,12 @@ def build(cfg: ShardgenConfig) -> Manifest:
             feedrate_version=__version__,
         )
         store.write_bytes(MANIFEST_NAME, manifest.to_json().encode())
+    if store.counters.retries:
+        # Never silent: a flaky link shows up here even though every file arrived whole.
+        print(
+            f"shardgen: {store.counters.retries} request(s) to {store.url} were retried "
+            "(the network or the endpoint faltered; every upload completed)",
+            file=sys.stderr,
+            flush=True,
+        )
     return manifest

@@ -151,3 +151,16 @@ def make_encoded_dataset(tmp_path_factory: pytest.TempPathFactory):
         return made[key]
 
     return make
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The faults table of tests/test_faults.py (faults injected, survived, failed cleanly, samples lost),
+    printed whenever fault-injection tests ran, with or without output capture."""
+    from tests.faultproxy import TALLY_KEY
+
+    tally = config.stash.get(TALLY_KEY, None)
+    if tally is None or not tally.outcomes:
+        return
+    terminalreporter.write_sep("=", "faults table")
+    for line in tally.table().splitlines():
+        terminalreporter.write_line(line)
