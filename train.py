@@ -104,6 +104,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW on CUDA")
     p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip bad samples (corrupt, incomplete, bad label): counted in run.json and named on stderr",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
@@ -135,6 +140,7 @@ class TrainConfig:
     amp: bool
     channels_last: bool
     dist_timeout: float = DEFAULT_TIMEOUT_S
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
         for flag, value, accepted in (
@@ -225,11 +231,13 @@ def run_epoch(
     on_batch: Any = None,
     bar: bool = True,
     stop: StopRequest | None = None,
+    may_end_early: bool = False,
 ) -> EpochStats:
     """Feed `planned` batches of `loader` to `step`, timing each; `on_batch(timer, batch)` after each.
 
     `bar=False` keeps the progress bar off (every rank but 0 under torchrun). `stop`: a signal ends the
-    batch loop at once (see StopRequest), never the clean-up after it.
+    batch loop at once (see StopRequest), never the clean-up after it. `may_end_early`: with --skip-bad a
+    loader that skipped samples may run out before `planned` batches; the epoch then ends there.
     """
     timer = EpochTimer(clock)
     batches: Iterator | None = None
@@ -248,6 +256,8 @@ def run_epoch(
                 try:
                     images, labels = timer.fetch(next_batch)
                 except StopIteration:
+                    if may_end_early:
+                        break
                     raise FeedrateError(
                         f"loader ended after {len(timer.batches)} batches; its len() promised {planned}"
                     ) from None
@@ -348,6 +358,9 @@ def make_loaders(
     Under torchrun each serves this rank's part of its split (see `topology`).
     """
     topology = topology or Topology()
+    if cfg.skip_bad and topology.world_size > 1:
+        # A rank that skips samples runs short and would leave the others waiting in a collective.
+        raise FeedrateError("--skip-bad works with one process only for now; run without torchrun")
     made = {}
     for split in loaders.base.SPLITS:
         lcfg = loaders.LoaderConfig(
@@ -362,6 +375,7 @@ def make_loaders(
             cache_dir=cfg.cache_dir,
             rank=topology.rank,
             world_size=topology.world_size,
+            options={"skip_bad": True} if cfg.skip_bad else {},
         )
         made[split] = loaders.make_loader(cfg.loader, lcfg)
     return made
@@ -557,6 +571,7 @@ def _train(cfg: TrainConfig, group: Group, device: torch.device) -> int:
                         log_batch,
                         group.is_main,
                         stop,
+                        cfg.skip_bad,
                     )
                     stop.check()  # no rank starts a collective after a signal it has seen
                     tr_ranks = group.gather(tr)
@@ -569,7 +584,15 @@ def _train(cfg: TrainConfig, group: Group, device: torch.device) -> int:
                     group.broadcast_buffers(stepper.module)
                     step = traced(stepper.eval_step, trace_path, group.rank, "test", epoch)
                     va = run_epoch(
-                        val_loader, plan["test"], step, clock, f"{tag} val", None, group.is_main, stop
+                        val_loader,
+                        plan["test"],
+                        step,
+                        clock,
+                        f"{tag} val",
+                        None,
+                        group.is_main,
+                        stop,
+                        cfg.skip_bad,
                     )
                     stop.check()
                     va_ranks, rank_counters = map(list, zip(*group.gather((va, stats_now())), strict=True))
@@ -623,6 +646,9 @@ def summarize(out: Path, doc: dict[str, Any], status: str) -> None:
         f"val top-1 {'n/a' if top1 is None else f'{top1:.3f}'}",
         flush=True,
     )
+    skipped = sum(int(c.get("skipped", 0)) for c in (doc.get("counters") or {}).values())
+    if skipped:
+        print(f"{PROG}: {skipped} bad samples skipped (--skip-bad; counters in run.json)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

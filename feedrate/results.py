@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from feedrate import __version__
+from feedrate.errors import FeedrateError
 from feedrate.timing import BatchTime, EpochStats
 
 CSV_NAME = "train.csv"
@@ -60,8 +61,11 @@ class CsvLog:
     def _write(self, fields: tuple[str, ...]) -> None:
         line = io.StringIO()
         csv.writer(line, lineterminator="\n").writerow(fields)
-        self._file.write(line.getvalue())
-        self._file.flush()
+        try:
+            self._file.write(line.getvalue())
+            self._file.flush()
+        except OSError as exc:  # a full disk or quota: say which file, not just the errno
+            raise FeedrateError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def row(
         self,
@@ -141,6 +145,10 @@ def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise FeedrateError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

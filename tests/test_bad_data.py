@@ -287,3 +287,38 @@ def test_dali_names_an_image_that_does_not_decode_even_when_skipping(root: Path)
     for skip in (False, True):
         with pytest.raises(DaliError, match=rf"train-000000\.tar: sample {bad}: cannot decode"):
             dali_epoch(root, skip=skip)
+
+
+def test_train_py_skip_bad_counts_and_reports(
+    root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """train.py --skip-bad: the run completes, run.json counts the skipped sample, the summary says so;
+    without the flag the same data is a one-line error naming the shard and key (exit 2)."""
+    import train
+
+    bad = key_at(root, "train-000002.tar", 1)
+    rewrite(root, "train-000002.tar", lambda ms: [(n, b"x7" if n == f"{bad}.cls" else d) for n, d in ms])
+    common = [
+        "--loader",
+        "wds",
+        "--data",
+        str(root),
+        "--arch",
+        "small",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+    ]
+    with pytest.raises(SystemExit) as failed:
+        train.main([*common, "--out", str(tmp_path / "strict")])
+    assert failed.value.code == 2
+    err = capsys.readouterr().err
+    assert "train-000002.tar" in err and bad in err
+    assert train.main([*common, "--skip-bad", "--out", str(tmp_path / "lenient")]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "lenient" / "run.json").read_text())
+    assert doc["status"] == "complete"
+    assert doc["counters"]["train"]["skipped"] == 1
+    assert doc["epochs"][0]["train"]["samples"] == N_TRAIN - 1
+    assert "1 bad samples skipped" in out

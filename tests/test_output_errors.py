@@ -78,6 +78,7 @@ def test_train_on_a_full_disk(tiny_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     line = one_line_error(run(train_args(tiny_dataset, out), tmp_path, fsize=1024), "train.py")
     assert "File too large" in line
+    assert f"cannot write {out}/" in line, "the message names the file that could not be written"
 
 
 # -- shardgen --dest ------------------------------------------------------------------------------------
