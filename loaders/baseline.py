@@ -104,6 +104,11 @@ class TorchvisionLoader:
             self.sampler = SequentialSampler(self.dataset)
         self.samples = len(self.sampler)
         self._pin = self.device.type == "cuda"
+        # Several ranks: workers are started once, not every epoch. A process in a torch.distributed group
+        # has C++ threads that enter Python, and CPython before 3.11.10 / 3.12 can deadlock a child forked
+        # while such a thread holds its thread-list lock (python/cpython#112275). Seen here: a DataLoader
+        # worker hung in PyOS_AfterFork_Child at the ~200th per-epoch fork of a 2-rank gloo run.
+        persistent = cfg.workers > 0 and cfg.world_size > 1
         self._loader = DataLoader(
             self.dataset,
             batch_size=cfg.batch_size,
@@ -113,6 +118,7 @@ class TorchvisionLoader:
             drop_last=False,
             generator=self._generator,
             worker_init_fn=_ignore_stop_signals if cfg.workers else None,
+            persistent_workers=persistent,
         )
 
     # -- the loader protocol ----------------------------------------------------------------------------
@@ -130,7 +136,9 @@ class TorchvisionLoader:
         """Reseed the shuffle: the same (seed, epoch) gives the same order.
 
         With workers the augmentation repeats too (each worker's seed derives from this generator); with
-        `workers=0` it draws from torch's global generator, which train.py seeds once per run.
+        `workers=0` it draws from torch's global generator, which train.py seeds once per run. Persistent
+        workers (several ranks) are seeded once, at their first epoch: the augmentation then repeats for
+        the same seed and sequence of epochs.
         """
         self._generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
         if isinstance(self.sampler, DistributedSampler):
