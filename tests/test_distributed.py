@@ -258,6 +258,7 @@ def test_two_processes_split_every_epoch_and_run_equal_steps(
     )
 
 
+@pytest.mark.slow
 def test_a_failure_on_one_rank_stops_every_rank_with_one_error_line(
     make_encoded_dataset, tmp_path: Path
 ) -> None:
