@@ -92,6 +92,22 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return made
 
 
+def synthetic_jpg(root: Path, n_test: int, shard_size: int) -> Path:
+    """A synthetic jpg dataset whose test split (n_test samples) the decode tests read."""
+    build(
+        ShardgenConfig(
+            dest=str(root),
+            source="synthetic",
+            fmt="jpg",
+            shard_size=shard_size,
+            synthetic_train=5,
+            synthetic_test=n_test,
+            allow_download=False,
+        )
+    )
+    return root
+
+
 def dali(data: str | Path, split: str = "train", **kwargs: object) -> Loader:
     settings: dict = {"batch_size": 8, "train": split == "train", "workers": 1} | kwargs
     return make_loader("dali", LoaderConfig(data=str(data), split=split, **settings))
@@ -195,18 +211,7 @@ def test_augmentation_is_a_zero_padded_crop_and_a_flip(datasets: dict[str, Path]
 
 @needs_dali
 def test_jpg_decodes_close_to_pil(tmp_path: Path) -> None:
-    root = tmp_path / "jpg"
-    build(
-        ShardgenConfig(
-            dest=str(root),
-            source="synthetic",
-            fmt="jpg",
-            shard_size=40,
-            synthetic_train=5,
-            synthetic_test=60,
-            allow_download=False,
-        )
-    )
+    root = synthetic_jpg(tmp_path / "jpg", n_test=60, shard_size=40)
     images, labels, _ = run_epoch(dali(root, split="test"))
     want_x, want_y = [], []
     for shard in sorted(root.glob("test-*.tar")):
@@ -341,18 +346,7 @@ def test_gpu_pipeline_yields_cuda_batches_once_per_epoch(datasets: dict[str, Pat
 @pytest.mark.gpu
 @gpu
 def test_gpu_jpg_decode_matches_the_cpu_decode(tmp_path: Path) -> None:
-    root = tmp_path / "jpg"
-    build(
-        ShardgenConfig(
-            dest=str(root),
-            source="synthetic",
-            fmt="jpg",
-            shard_size=50,
-            synthetic_train=5,
-            synthetic_test=100,
-            allow_download=False,
-        )
-    )
+    root = synthetic_jpg(tmp_path / "jpg", n_test=100, shard_size=50)
     on_gpu = dali(root, split="test", device="cuda")
     assert on_gpu.decode_device == "mixed"
     gx, gy, _ = run_epoch(on_gpu)
