@@ -17,6 +17,8 @@ Offsets (0..2*padding for rows and columns) and flips (p = 0.5) are drawn per sa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from feedrate.errors import FeedrateError
@@ -34,6 +36,18 @@ def _check(images: torch.Tensor, layout: str) -> None:
         )
 
 
+@functools.lru_cache(maxsize=16)
+def _affine(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[torch.Tensor, ...]:
+    """(scale, shift) with x * scale + shift == (x / 255 - mean) / std, made once per device, not per
+    batch (on CUDA each fresh small tensor is a host-to-device copy)."""
+    shape = (1, len(mean), 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(shape)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=device).view(shape)
+    return scale, shift
+
+
 def normalize(
     images: torch.Tensor,
     layout: str = "NCHW",
@@ -44,9 +58,7 @@ def normalize(
     _check(images, layout)
     if layout == "NHWC":
         images = images.permute(0, 3, 1, 2)
-    shape = (1, len(mean), 1, 1)
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(shape)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=images.device).view(shape)
+    scale, shift = _affine(images.device, tuple(mean), tuple(std))
     out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
     out.copy_(images)  # one pass: uint8 -> float32 (and NHWC -> NCHW when permuted)
     return out.mul_(scale).add_(shift)
