@@ -41,6 +41,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ MAX_ATTEMPTS = 4  # per request, the first included
 # drops bytes in flight). 128 KiB reads cost the S3 client ~1.4x the CPU of 1 MiB ones.
 READ_CHUNK = 1024 * 1024
 # Managed transfers: objects above this size go up and down in parallel multipart pieces.
+MAX_CONNECTIONS = 48  # >= feedrate.network.MAX_FETCH_CONCURRENCY plus index readers
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 8 * 1024 * 1024  # the SDK's default part size
 IAM_TOKEN_ENDPOINT = "https://iam.cloud.ibm.com/identity/token"  # ibm_botocore's default
@@ -154,6 +156,9 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.counters = Counters()
+        # (seconds to first byte, body bytes, seconds reading the body) of recent remote GETs: what a
+        # loader sizes its prefetching by when it is not told the link (feedrate.network.measured)
+        self.timings: deque[tuple[float, int, float]] = deque(maxlen=64)
 
     # -- naming ----------------------------------------------------------------------------------
     def url_for(self, name: str) -> str:
@@ -399,7 +404,12 @@ class _ResumableBody:
         self._end = end
         self._resumes = 0
         self._transient = store._transient_errors()
+        t0 = time.perf_counter()
         response = store._get(name, start, end, None)
+        self._first_byte_s = time.perf_counter() - t0
+        self._body_s = 0.0
+        self._got = 0
+        self._timed = False
         self._etag: str | None = response.get("ETag")
         if self._end is None:
             self._end = start + int(response["ContentLength"])
@@ -417,6 +427,7 @@ class _ResumableBody:
             want = min(size, self._end - self._pos, READ_CHUNK)  # type: ignore[operator]
             if want <= 0:
                 return b""
+            t0 = time.perf_counter()
             try:
                 data = self._body.read(want)
             except self._transient as exc:
@@ -425,6 +436,8 @@ class _ResumableBody:
             if not data:
                 self._resume(None)
                 continue
+            self._body_s += time.perf_counter() - t0
+            self._got += len(data)
             self._pos += len(data)
             self._store.counters.add(read=len(data))
             return data
@@ -458,6 +471,9 @@ class _ResumableBody:
 
     def close(self) -> None:
         self._close_body()
+        if not self._timed and self._got and not self._resumes:  # a resumed GET times the fault, not the link
+            self._timed = True
+            self._store.timings.append((self._first_byte_s, self._got, self._body_s))
 
     def __enter__(self) -> _ResumableBody:
         return self
@@ -534,6 +550,8 @@ class ObjectStore(Store):
                     connect_timeout=CONNECT_TIMEOUT_S,
                     read_timeout=self.retry.read_timeout_s,
                     retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},  # attempts, not retries
+                    # one pooled connection per concurrent GET a loader may plan (feedrate.network)
+                    max_pool_connections=MAX_CONNECTIONS,
                     **self._extra_config(),
                 )
                 kwargs = self._client_kwargs()
