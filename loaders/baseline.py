@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchvision import transforms
 
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
-from loaders.batches import load_split
+from loaders.batches import load_split, net_option
 from loaders.shards import open_dataset
 
 
@@ -75,7 +75,8 @@ class TorchvisionLoader:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.root = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
-        self._arrays = load_split(self.root, cfg.split, cfg.cache_dir)
+        self._arrays = load_split(self.root, cfg.split, cfg.cache_dir, net_option(cfg.options))
+        self.prefetch_plan = self._arrays.fetch_plan
         self.downloads: list[Download] = self._arrays.downloads
         images, labels = self._arrays.images, self._arrays.labels
         self.dataset = CifarArrays(images, labels, cifar_transform(cfg.train))

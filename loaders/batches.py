@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from feedrate import network
 from feedrate.cifar import TEST_BATCH, TRAIN_BATCHES, read_batch
 from feedrate.errors import FeedrateError
 from feedrate.manifest import FileEntry
 from loaders.base import Download
-from loaders.shards import DatasetRoot, ShardCache, local_path
+from loaders.shards import DatasetRoot, ShardCache, fetch_all, fetch_plan, local_path
 
 SPLIT_FILES = {"train": TRAIN_BATCHES, "test": (TEST_BATCH,)}
 
@@ -38,6 +39,7 @@ class SplitArrays:
     cache: ShardCache | None = None
     local_bytes: int = 0
     local_files: int = 0
+    fetch_plan: dict[str, object] = field(default_factory=lambda: {"concurrency": 1, "source": "local"})
 
     def stats(self, root: DatasetRoot) -> dict[str, int]:
         """Counters for run.json (reads are done once, up front)."""
@@ -84,8 +86,20 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def load_split(root: DatasetRoot, split: str, cache_dir: str | None = None) -> SplitArrays:
-    """The split's batches as arrays, checked against the manifest's sample count."""
+def net_option(options: dict[str, object]) -> str | None:
+    """The `net` option (a feedrate.network preset name), checked; None when not given."""
+    name = str(options.get("net") or "")
+    if not name:
+        return None
+    network.preset(name)  # an unknown name fails here, naming the accepted ones
+    return name
+
+
+def load_split(
+    root: DatasetRoot, split: str, cache_dir: str | None = None, net: str | None = None
+) -> SplitArrays:
+    """The split's batches as arrays, checked against the manifest's sample count. Remote batch files
+    are fetched several at once, as the link (`net` preset, else FEEDRATE_NET, else measured) asks."""
     expected = root.samples(split)  # a missing or empty split is a FeedrateError here
     entries = _entries(root, split)
     num_classes = len(root.manifest.class_names)
@@ -99,7 +113,9 @@ def load_split(root: DatasetRoot, split: str, cache_dir: str | None = None) -> S
         start, t0 = time.time(), time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="feedrate-batches-") as scratch:
             cache = ShardCache(root.store, cache_dir or scratch)
-            paths = [cache.fetch(entry.name, entry.bytes, entry.sha256) for entry in entries]
+            plan = fetch_plan(root, [e.bytes for e in entries], net)
+            files = [(e.name, e.bytes, e.sha256) for e in entries]
+            paths = fetch_all(cache, files, int(plan["concurrency"]))  # type: ignore[call-overload]
             fetched = time.perf_counter() - t0
             images, labels = _concat([read_batch(path, num_classes) for path in paths])
         download = Download(
@@ -109,7 +125,7 @@ def load_split(root: DatasetRoot, split: str, cache_dir: str | None = None) -> S
             duration=time.perf_counter() - t0,
             samples=len(labels),
         )
-        result = SplitArrays(images, labels, downloads=[download], cache=cache)
+        result = SplitArrays(images, labels, downloads=[download], cache=cache, fetch_plan=plan)
     if len(result.labels) != expected:
         raise FeedrateError(
             f"the {split} batches of {root.url} hold {len(result.labels)} samples; "

@@ -29,7 +29,9 @@ training epoch starts a pipeline built for that epoch, seeded by (seed, epoch) a
 everywhere. (Evaluation reads in stored order and needs no such care.)
 
 Knobs (`LoaderConfig.options`): threads (default: workers, else 2), prefetch (queue depth, default 2),
-initial_fill (shuffle buffer, default 4096), hw_decoder_load (0-1, default 0.65), skip_bad (bool).
+initial_fill (shuffle buffer, default 4096), hw_decoder_load (0-1, default 0.65), skip_bad (bool),
+net (a feedrate.network preset: the link the cache fill sizes its concurrent GETs for; else
+FEEDRATE_NET's, else measured; the choice is in `prefetch_plan`).
 
 Bad data: DALI's own errors name neither the shard nor the sample (a sample without a label is "an
 underful sample at index line N", an undecodable image is a batch position), so when the pipeline fails
@@ -50,7 +52,6 @@ import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -59,13 +60,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from feedrate import network
 from feedrate.errors import FeedrateError
 from loaders.base import Download, LoaderConfig, batches_for
-from loaders.shards import DatasetRoot, ShardCache, ShardRef, first_bad_sample, local_path, open_dataset
+from loaders.shards import (
+    DatasetRoot,
+    ShardCache,
+    ShardRef,
+    fetch_all,
+    fetch_plan,
+    first_bad_sample,
+    local_path,
+    open_dataset,
+)
 from loaders.stages import SkipLog
 
 PACKAGE = "nvidia-dali-cuda120"
-FETCH_THREADS = 8  # concurrent whole-file GETs when filling the cache
 
 
 class DaliError(FeedrateError):
@@ -81,12 +91,15 @@ class DaliOptions:
     initial_fill: int = 4096
     hw_decoder_load: float = 0.65
     skip_bad: bool = False
+    net: str = ""  # a feedrate.network preset: the link the cache fill plans its concurrency for
 
     def __post_init__(self) -> None:
         for name in ("threads", "prefetch", "initial_fill"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise FeedrateError(f"dali option {name}={value!r} must be an integer >= 1")
+        if self.net:
+            network.preset(self.net)  # an unknown name fails here, naming the accepted ones
         load = self.hw_decoder_load
         if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0.0 <= load <= 1.0:
             raise FeedrateError(f"dali option hw_decoder_load={self.hw_decoder_load!r} must be in [0, 1]")
@@ -214,6 +227,7 @@ class DaliLoader:
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._local_bytes = 0
         self._local_files = 0
+        self.prefetch_plan: dict[str, object] = {"concurrency": 1, "source": "local"}
 
         start, t0 = time.time(), time.perf_counter()
         paths, index_paths = self._shard_files(refs)
@@ -276,10 +290,12 @@ class DaliLoader:
             self._scratch = tempfile.TemporaryDirectory(prefix="feedrate-dali-")
             cache_dir = Path(self._scratch.name)
         cache = self._cache = ShardCache(self.root.store, cache_dir)
-        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, 2 * len(refs))) as pool:
-            shards = pool.map(cache.shard, refs)
-            indexes = pool.map(cache.index, refs)
-            return list(shards), list(indexes)
+        files = [(r.name, r.bytes, r.sha256) for r in refs] + [
+            (r.index_name, r.index_bytes, r.index_sha256) for r in refs
+        ]
+        self.prefetch_plan = fetch_plan(self.root, [r.bytes for r in refs], self.options.net or None)
+        paths = fetch_all(cache, files, int(self.prefetch_plan["concurrency"]))  # type: ignore[call-overload]
+        return paths[: len(refs)], paths[len(refs) :]
 
     def _local(self, name: str, size: int) -> Path:
         path = local_path(self.root, name)

@@ -23,7 +23,7 @@ import torch
 
 from loaders.augment import normalize
 from loaders.base import CROP_PADDING, Download, LoaderConfig, batches_for
-from loaders.batches import load_split
+from loaders.batches import load_split, net_option
 from loaders.shards import open_dataset
 
 
@@ -36,7 +36,8 @@ class TensorLoader:
         self.decode_device = self.device.type
         self.root = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
         t0 = time.perf_counter()
-        arrays = load_split(self.root, cfg.split, cfg.cache_dir)
+        arrays = load_split(self.root, cfg.split, cfg.cache_dir, net_option(cfg.options))
+        self.prefetch_plan = arrays.fetch_plan
         images = torch.from_numpy(arrays.images).to(self.device)  # (N, 32, 32, 3) uint8
         self.labels = torch.from_numpy(arrays.labels).to(self.device)
         self._n = len(self.labels)

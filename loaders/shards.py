@@ -10,6 +10,9 @@
 - `ShardFetcher`: a shard (or a byte range of one) as one in-memory buffer, in one read: the file in
   place, a verified cached copy, or one GET streamed into the buffer (sha256 checked as it arrives when
   asked to).
+- `fetch_all`: many files copied into a `ShardCache` at once, as many GETs in flight as the link's
+  bandwidth-delay product asks for (feedrate.network.fetch_concurrency), for the loaders that copy a
+  whole split before they start (DALI, the CIFAR-batch readers).
 - `first_bad_sample`: what is wrong with a local shard, naming the sample: for messages when a reader
   that cannot say (DALI's) fails on it.
 """
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from feedrate import network
 from feedrate.cifar import sha256_of
 from feedrate.errors import FeedrateError
 from feedrate.manifest import Manifest, load_manifest
@@ -190,6 +195,33 @@ class ShardCache:
 
     def index(self, ref: ShardRef) -> Path:
         return self.fetch(ref.index_name, ref.index_bytes, ref.index_sha256)
+
+
+def fetch_plan(root: DatasetRoot, sizes: Sequence[int], net: str | None = None) -> dict[str, object]:
+    """How many GETs to run at once to copy files of `sizes` bytes from `root`'s store, and why.
+
+    The link is the `net` preset, else FEEDRATE_NET's, else measured from the GETs made so far (the
+    manifest's: latency only), else assumed same-region (feedrate.network.link_for)."""
+    found = network.link_for(root.store, net)
+    if found is None or not sizes:
+        return {"concurrency": 1, "source": "local"}
+    link, source = found
+    typical = int(np.median(sizes))
+    return {
+        "concurrency": network.fetch_concurrency(link, typical, len(sizes)),
+        "source": source,
+        "link": link.as_dict(),
+        "file_bytes": typical,
+    }
+
+
+def fetch_all(cache: ShardCache, files: Sequence[tuple[str, int, str]], concurrency: int) -> list[Path]:
+    """Verified local copies of `files` ((name, bytes, sha256) each), `concurrency` GETs at a time, in
+    the order given. The first failure is raised once the fetches under way have ended."""
+    if concurrency <= 1 or len(files) <= 1:
+        return [cache.fetch(*f) for f in files]
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch") as pool:
+        return list(pool.map(lambda f: cache.fetch(*f), files))
 
 
 def local_path(root: DatasetRoot, name: str) -> Path | None:

@@ -39,9 +39,15 @@ The data path, per reader (the main process, or each DataLoader worker):
 
 Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from a command line):
 `verify` (bool), `shuffle_buffer` (samples, >= 0), `decode` (auto | torchvision | pil | numpy, by
-encoding), `prefetch` (shards fetched ahead per reader, >= 0; default 1), `augment_at` (auto | reader |
+encoding), `prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0; see below),
+`net` (a feedrate.network preset name: the link to plan prefetching for), `augment_at` (auto | reader |
 device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check),
 `skip_bad` (bool: skip and count bad samples instead of failing; train.py's `--skip-bad`).
+Prefetch depth (`prefetch=auto`, the default): 1 for a local dataset. For a remote one, the
+bandwidth-delay product (feedrate.network.prefetch_depth): the shard fetches each reader keeps in flight
+so that a consumer of DEFAULT_DEMAND_IMG_S images/s is fed over the link -- the `net` preset, else
+FEEDRATE_NET's, else the link measured from the index reads made when the loader is built (time to
+first byte, and bytes/s per connection). The choice and its inputs are in `prefetch_plan`.
 Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
 from (about 2 at the default sizes), and up to 4 batches in flight to the main process.
 """
@@ -59,6 +65,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from feedrate import network
 from feedrate.errors import FeedrateError
 from feedrate.manifest import Manifest
 from feedrate.storage import StorageError, open_store
@@ -83,7 +90,8 @@ class WdsOptions:
     verify: bool = False
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
     decode: str = "auto"
-    prefetch: int = DEFAULT_PREFETCH
+    prefetch: int | None = None  # None: auto (see the module docstring)
+    net: str = ""
     keys: bool = False
     augment_at: str = "auto"
     skip_bad: bool = False
@@ -98,8 +106,12 @@ class WdsOptions:
         for name in ("verify", "keys", "skip_bad"):
             if name in values:
                 values[name] = _as_bool(name, values[name])
+        if str(values.get("prefetch", "")).lower() == "auto":
+            values["prefetch"] = None
+        if values.get("net"):
+            network.preset(str(values["net"]))  # an unknown name fails here, naming the accepted ones
         for name in ("shuffle_buffer", "prefetch"):
-            if name in values:
+            if name in values and values[name] is not None:
                 values[name] = _as_count(name, values[name])
         opts = cls(**values)
         if opts.augment_at not in AUGMENT_AT:
@@ -129,7 +141,8 @@ def _as_count(name: str, value: Any) -> int:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    raise FeedrateError(f"wds option {name}={value!r}; accepted: an integer >= 0")
+    accepted = "auto or an integer >= 0" if name == "prefetch" else "an integer >= 0"
+    raise FeedrateError(f"wds option {name}={value!r}; accepted: {accepted}")
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,7 @@ class StreamSpec:
     seed: int
     cache_dir: str | None
     options: WdsOptions
+    prefetch: int  # shard fetches in flight per reader (options.prefetch resolved)
     augment_in_reader: bool  # readers send float32 batches ready to use, else uint8 NHWC
 
 
@@ -159,9 +173,7 @@ class _ReaderState:
     def __init__(self, spec: StreamSpec) -> None:
         store = open_store(spec.url, endpoint_url=spec.endpoint_url)
         self.fetcher = ShardFetcher(DatasetRoot(store, spec.manifest), spec.cache_dir, spec.options.verify)
-        self.pool = ThreadPoolExecutor(
-            max_workers=max(1, spec.options.prefetch), thread_name_prefix="wds-fetch"
-        )
+        self.pool = ThreadPoolExecutor(max_workers=max(1, spec.prefetch), thread_name_prefix="wds-fetch")
         self.skips = SkipLog("wds") if spec.options.skip_bad else None
 
     def stats(self) -> dict[str, int]:
@@ -220,7 +232,7 @@ class ShardStream(IterableDataset):
             ref, index, unusable = spec.refs[unit.shard], spec.indexes[unit.shard], spec.unusable[unit.shard]
             return load_unit(unit, ref, index, state.fetcher, classes, state.skips, unusable)
 
-        loaded = prefetched(units, load, state.pool, spec.options.prefetch)
+        loaded = prefetched(units, load, state.pool, spec.prefetch)
         rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker]) if spec.train else None
         buffer = spec.options.shuffle_buffer if spec.train else 0
         batches = decoded(
@@ -235,6 +247,31 @@ class ShardStream(IterableDataset):
 
 
 # -- the loader ------------------------------------------------------------------------------------
+def plan_prefetch(
+    root: DatasetRoot, refs: list[ShardRef], options: WdsOptions, readers: int
+) -> dict[str, Any]:
+    """The prefetch depth per reader and why: the option when it is a number, else 1 for local data,
+    else the bandwidth-delay product of the link (see the module docstring)."""
+    if options.prefetch is not None:
+        return {"depth": options.prefetch, "source": "option"}
+    found = network.link_for(root.store, options.net or None)
+    if found is None:
+        return {"depth": DEFAULT_PREFETCH, "source": "local"}
+    link, source = found
+    shard_bytes = int(np.median([r.bytes for r in refs]))
+    per_sample = sum(r.bytes for r in refs) / max(1, sum(r.samples for r in refs))
+    demand = network.DEFAULT_DEMAND_IMG_S * per_sample
+    depth = network.prefetch_depth(link, shard_bytes, demand, readers)
+    return {
+        "depth": depth,
+        "source": source,
+        "link": link.as_dict(),
+        "shard_bytes": shard_bytes,
+        "readers": readers,
+        "demand_MBps": round(demand / network.MB, 3),
+    }
+
+
 def _rank_of(cfg: LoaderConfig) -> tuple[int, int]:
     """(rank, world size): the config's, else torch.distributed's when it is initialised."""
     if cfg.world_size > 1:
@@ -290,6 +327,7 @@ class WdsLoader:
             at = "reader" if self.device.type == "cpu" and cfg.workers > 0 else "device"
         self._fetcher = ShardFetcher(root, cfg.cache_dir, self.options.verify)  # index reads, counted
         indexes, unusable = zip(*_read_indexes(self._fetcher, refs, self.options.skip_bad), strict=True)
+        self.prefetch_plan = plan_prefetch(root, refs, self.options, max(1, cfg.workers))
         spec = StreamSpec(
             url=root.url if root.store.is_local else cfg.data,
             endpoint_url=cfg.endpoint_url,
@@ -304,6 +342,7 @@ class WdsLoader:
             seed=cfg.seed,
             cache_dir=cfg.cache_dir,
             options=self.options,
+            prefetch=self.prefetch_plan["depth"],
             augment_in_reader=at == "reader",
         )
         self._stream = ShardStream(spec)

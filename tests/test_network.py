@@ -1,0 +1,148 @@
+"""Network presets and prefetch planning: depths follow the bandwidth-delay product and scale with the
+preset, loaders measure the link they read through (a shaping proxy in front of a real S3 server), and a
+loader behind the cross-region preset still yields every sample exactly once."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_wds_loader import all_keys, build_coded, config, epoch
+
+from feedrate import network
+from feedrate.errors import FeedrateError
+from feedrate.netproxy import NetProxy
+from loaders import LoaderConfig, make_loader
+from loaders.streaming import WdsLoader
+
+MB = network.MB
+JPG_SHARD = 10_200_000  # a 2,500-sample jpg shard of synthetic CIFAR (README, shard sizes)
+JPG_SAMPLE = JPG_SHARD / 2_500
+
+
+def depth(link: network.Link, readers: int = 2) -> int:
+    return network.prefetch_depth(link, JPG_SHARD, network.DEFAULT_DEMAND_IMG_S * JPG_SAMPLE, readers)
+
+
+def test_depth_is_the_bandwidth_delay_product() -> None:
+    # 1 MB shards taking 0.1 s + 1 MB / 10 MB/s = 0.2 s each; 30 MB/s wanted -> 6 MB in flight = 6 shards
+    link = network.Link("t", 0.1, 0.0, 10 * MB, math.inf)
+    assert network.prefetch_depth(link, 1 * MB, 30 * MB, readers=1) == 6
+    assert network.prefetch_depth(link, 1 * MB, 30 * MB, readers=3) == 2, "readers share the demand"
+    # a shared link slower than the demand caps the depth at what fills the link: 5 MB/s x (0.1 s +
+    # 1 MB / 5 MB/s) = 1.5 MB in flight
+    narrow = network.Link("t", 0.1, 0.0, 10 * MB, 5 * MB)
+    assert network.prefetch_depth(narrow, 1 * MB, 30 * MB, readers=1) == 2
+    # never 0, never past the limit or the memory budget
+    assert network.prefetch_depth(network.LOOPBACK, 1 * MB, 30 * MB) == 1
+    assert network.prefetch_depth(network.Link("t", 10.0, 0.0, 1 * MB, math.inf), 1 * MB, 1e9) == 16
+    huge = network.PREFETCH_MEMORY // 2
+    assert network.prefetch_depth(network.Link("t", 10.0, 0.0, 1 * MB, math.inf), huge, 1e12) == 2
+
+
+def test_prefetch_scales_with_the_preset() -> None:
+    same, cross, home = (network.preset(n) for n in ("same-region", "cross-region", "home"))
+    assert depth(network.LOOPBACK) == 1
+    assert depth(same) == 2 and depth(cross) == 4, "more latency, fewer MB/s per connection: deeper"
+    assert depth(home) == 1, "a 12.5 MB/s link is full with one fetch: more depth only holds memory"
+    # copying a split up front: enough GETs to fill each link's shared bandwidth
+    files = 20
+    conc = {n: network.fetch_concurrency(network.preset(n), JPG_SHARD, files) for n in network.PRESETS}
+    assert conc["home"] == 2 < conc["same-region"] <= conc["cross-region"] <= files
+    assert network.fetch_concurrency(network.LOOPBACK, JPG_SHARD, files) == 8, "unknown: the default"
+
+
+def test_measured_link_from_timed_gets() -> None:
+    samples = [(0.05, 1_000_000, 0.1), (0.07, 1_000_000, 0.1), (0.06, 100, 0.0)]
+    link = network.measured(samples)
+    assert link is not None and link.latency_s == pytest.approx(0.06)
+    assert link.conn_bps == pytest.approx(10 * MB), "bodies under 64 KiB do not count"
+    assert math.isinf(link.total_bps)
+    assert network.measured([]) is None
+    assert math.isinf(network.measured([(0.01, 10, 0.001)]).conn_bps)  # type: ignore[union-attr]
+
+
+def test_unknown_preset_names_the_accepted_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FeedrateError, match=r"'moon'.*accepted: loopback, same-region, cross-region, home"):
+        network.preset("moon")
+    monkeypatch.setenv(network.NET_ENV, "moon")
+    with pytest.raises(FeedrateError, match="moon"):
+        network.from_env()
+    with pytest.raises(FeedrateError, match="moon"):
+        network.Link("moon", 0.01, 0.02, 1.0, 1.0)  # jitter above the latency
+
+
+# -- loaders through the shaping proxy ----------------------------------------------------------------
+@pytest.fixture
+def shaped(s3_env, monkeypatch: pytest.MonkeyPatch):
+    """A shaping proxy in front of the S3 server; the SDKs pointed at it."""
+    monkeypatch.delenv(network.NET_ENV, raising=False)
+    with NetProxy(s3_env.endpoint, seed=1) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setenv("COS_ENDPOINT", proxy.endpoint)
+        yield proxy
+
+
+@pytest.mark.parametrize("scheme", ["s3", "cos"])
+def test_wds_under_cross_region_yields_every_sample_once(
+    scheme: str, bucket: str, shaped: NetProxy, tmp_path: Path
+) -> None:
+    url = f"{scheme}://{bucket}/ds"
+    build_coded(tmp_path / "ds", "raw", shard_size=8, train=40, test=5, url=url)  # written unshaped
+    shaped.link = network.preset("cross-region")
+    with WdsLoader(config(url, workers=2)) as loader:
+        plan = loader.prefetch_plan
+        assert plan["source"] == "measured"
+        cross = network.preset("cross-region")
+        # the loader's estimate of the latency: the median first byte of its index reads
+        low, high = cross.latency_s - cross.jitter_s, cross.latency_s + cross.jitter_s
+        assert low * 1e3 <= plan["link"]["latency_ms"] <= high * 1e3 + 15
+        assert plan["depth"] > 1, "latency with tiny shards: several fetches in flight"
+        for e in range(2):
+            keys, _, _ = epoch(loader, e)
+            assert Counter(keys) == Counter(all_keys(40)), f"epoch {e}: duplicates or missing samples"
+
+
+def test_named_preset_overrides_the_measurement(
+    bucket: str, shaped: NetProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"s3://{bucket}/ds"
+    build_coded(tmp_path / "ds", "raw", shard_size=10, train=20, test=5, url=url)
+    with WdsLoader(config(url, workers=0, options={"keys": True, "net": "home"})) as loader:
+        assert loader.prefetch_plan["source"] == "option" and loader.prefetch_plan["link"]["name"] == "home"
+    monkeypatch.setenv(network.NET_ENV, "cross-region")
+    with WdsLoader(config(url, workers=0)) as loader:
+        assert loader.prefetch_plan["source"] == network.NET_ENV
+        assert loader.prefetch_plan["link"]["name"] == "cross-region"
+    with WdsLoader(config(url, workers=0, options={"keys": True, "prefetch": "3"})) as loader:
+        assert loader.prefetch_plan == {"depth": 3, "source": "option"}
+    with pytest.raises(FeedrateError, match=r"prefetch='deep'; accepted: auto or an integer >= 0"):
+        WdsLoader(config(url, workers=0, options={"prefetch": "deep"}))
+    with pytest.raises(FeedrateError, match="'moon'"):
+        WdsLoader(config(url, workers=0, options={"net": "moon"}))
+
+
+def test_local_data_plans_no_network(tmp_path: Path) -> None:
+    root = build_coded(tmp_path / "ds", "raw", shard_size=10, train=20, test=5)
+    with WdsLoader(config(root, workers=0)) as loader:
+        assert loader.prefetch_plan == {"depth": 1, "source": "local"}
+
+
+def test_batch_reader_under_cross_region_fetches_concurrently(
+    bucket: str, shaped: NetProxy, tmp_path: Path
+) -> None:
+    """The torchvision baseline copies the CIFAR batches up front, several GETs at once, and gets every
+    sample: same labels, same count as on local disk."""
+    url = f"s3://{bucket}/ds"
+    local = build_coded(tmp_path / "ds", "raw", shard_size=10, train=30, test=5)
+    build_coded(tmp_path / "ds2", "raw", shard_size=10, train=30, test=5, url=url)
+    shaped.link = network.preset("cross-region")
+    cfg = dict(split="train", batch_size=8, train=False, workers=0)
+    remote = make_loader("torchvision", LoaderConfig(data=url, **cfg))
+    here = make_loader("torchvision", LoaderConfig(data=str(local), **cfg))
+    assert remote.prefetch_plan["source"] == "measured"
+    assert remote.prefetch_plan["concurrency"] > 1
+    labels = lambda loader: Counter(int(y) for _, ys in loader for y in ys)  # noqa: E731
+    assert labels(remote) == labels(here) and sum(labels(remote).values()) == 30
