@@ -37,7 +37,7 @@ help:
 	@echo "make test          the CPU test suite (lint first in CI)"
 	@echo "make shards [DEST=URL] [FORMAT=jpg|png|raw] [SOURCE=auto|synthetic|PATH]"
 	@echo "make s3-up / s3-down   a local S3 endpoint (moto) on 127.0.0.1"
-	@echo "make bench / compare   loader benchmarks and training comparisons"
+	@echo "make bench / compare [NET=same-region|cross-region|home|all]   loader benchmarks, training comparisons"
 	@echo "make lint / format"
 
 $(STAMP): requirements.txt
@@ -93,13 +93,14 @@ s3-up: $(DEV_STAMP)
 s3-down: $(DEV_STAMP)
 	$(PY) -m feedrate.locals3 down
 
+NET ?=
 bench: $(DEV_STAMP)
-	$(PY) -m bench $(ARGS)
+	$(PY) -m bench $(if $(NET),--net $(NET)) $(ARGS)
 
 LOADERS ?= torchvision,wds,dali,tensor
 EMULATE ?= auto
 compare: $(DEV_STAMP) $(if $(filter data/shards,$(DATA)),data/shards/manifest.json)
-	$(PY) -m bench.compare --loaders $(LOADERS) --data "$(DATA)" --epochs $(EPOCHS) --workers $(WORKERS) --device $(DEVICE) --emulate $(EMULATE) $(ARGS)
+	$(PY) -m bench.compare --loaders $(LOADERS) --data "$(DATA)" --epochs $(EPOCHS) --workers $(WORKERS) --device $(DEVICE) --emulate $(EMULATE) $(if $(NET),--net $(NET)) $(ARGS)
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 import loaders
-from feedrate import results
+from feedrate import network, results
 from feedrate.distributed import DEFAULT_TIMEOUT_S, Group, SplitPlan, Topology, plan_epochs, sum_counters
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import Manifest, load_manifest
@@ -101,6 +101,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate", type=float, default=None, metavar="RATE", help="emulate a RATE img/s device")
     p.add_argument("--endpoint-url", default=None, help="S3/COS endpoint (else from the environment)")
     p.add_argument("--cache-dir", default=None, help="where loaders may cache downloaded data")
+    p.add_argument(
+        "--net",
+        default="",
+        metavar="PRESET",
+        help="the link to the data (a network preset: "
+        + ", ".join(network.PRESETS)
+        + "): loaders size their prefetching for it instead of measuring; run.json records it",
+    )
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW on CUDA")
     p.add_argument(
@@ -141,6 +149,7 @@ class TrainConfig:
     channels_last: bool
     dist_timeout: float = DEFAULT_TIMEOUT_S
     skip_bad: bool = False
+    net: str = ""
 
     def __post_init__(self) -> None:
         for flag, value, accepted in (
@@ -165,6 +174,8 @@ class TrainConfig:
         ):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise FeedrateError(f"{flag} {value} must be a positive number")
+        if self.net:
+            network.preset(self.net)  # an unknown name is a one-line error naming the accepted ones
         if not self.data.strip():
             raise FeedrateError("--data is empty; expected a dataset root (path, file://, s3://, cos://)")
 
@@ -375,7 +386,7 @@ def make_loaders(
             cache_dir=cfg.cache_dir,
             rank=topology.rank,
             world_size=topology.world_size,
-            options={"skip_bad": True} if cfg.skip_bad else {},
+            options=({"skip_bad": True} if cfg.skip_bad else {}) | ({"net": cfg.net} if cfg.net else {}),
         )
         made[split] = loaders.make_loader(cfg.loader, lcfg)
     return made
@@ -415,7 +426,11 @@ def describe(
             "torch_threads": torch.get_num_threads(),
             "emulated_img_per_s": cfg.emulate,
         },
-        "loader": {"name": cfg.loader, "decode_device": made["train"].decode_device},
+        "loader": {
+            "name": cfg.loader,
+            "decode_device": made["train"].decode_device,
+            "prefetch_plan": getattr(made["train"], "prefetch_plan", None),
+        },
         "versions": results.library_versions(),
         "git": results.git_state(Path(__file__).resolve().parent),
         "machine": results.machine(),

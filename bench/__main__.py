@@ -1,11 +1,19 @@
 """`make bench`: loader-only throughput of every variant, side by side, in one run.
 
-Variants are loader x storage x encoding x workers. The torchvision loader on local disk with the same
-workers, measured in the same run, is the baseline of every ratio. Remote variants read `s3://` and
-`cos://` URLs from a local S3 endpoint (moto's server on 127.0.0.1) that the bench starts and stops
-itself; GET requests are counted at that server. Each variant runs in a fresh process
-(`bench.measure`); one that cannot run here (a GPU-only variant without a GPU, a missing package) is
-listed as skipped with its reason.
+Variants are loader x storage x encoding x workers (x network for remote storage). The torchvision
+loader on local disk with the same workers, measured in the same run, is the baseline of every ratio.
+Remote variants read `s3://` and `cos://` URLs from a local S3 endpoint (moto's server on 127.0.0.1)
+that the bench starts and stops itself; GET requests are counted at that server.
+
+`--net PRESET[,PRESET...]` (`make bench NET=same-region`; `all` for every preset): remote variants then
+read through the shaping proxy (feedrate.netproxy) set to each preset in turn -- first-byte latency,
+jitter, per-connection and shared bandwidth of a real object store -- and each remote row gets its
+ratio to the same loader on local disk (`ratio_to_local`). The loaders are not told the preset: they
+plan their prefetching from what they measure (their choice is in each row's `prefetch_plan`). Without
+`--net`, remote variants talk to the endpoint directly (network "loopback").
+
+Each variant runs in a fresh process (`bench.measure`); one that cannot run here (a GPU-only variant
+without a GPU, a missing package) is listed as skipped with its reason.
 
 Writes results/bench/bench.json (DESIGN.md's fields, plus details) and results/bench/bench.md, and
 prints the table.
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from feedrate import locals3
+from feedrate import locals3, network
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import ENCODINGS, MANIFEST_NAME, Manifest
 from feedrate.progress import progress
@@ -44,10 +52,12 @@ class Variant:
     encoding: str  # jpg | png | raw, or "batches" for the loaders that read the python batches
     workers: int
     device: str  # cpu | cuda
+    net: str = ""  # remote storage: the network preset read through ("loopback": unshaped); local: ""
 
     @property
     def name(self) -> str:
-        return f"{self.loader}/{self.storage}/{self.encoding}/w{self.workers}/{self.device}"
+        net = f"/{self.net}" if self.net else ""
+        return f"{self.loader}/{self.storage}{net}/{self.encoding}/w{self.workers}/{self.device}"
 
 
 def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -103,13 +113,16 @@ def plan(args: argparse.Namespace, cuda: bool) -> list[tuple[Variant, str | None
     for workers in args.workers:
         for loader in args.loaders:
             for storage in args.storage:
+                nets = [""] if storage == "local" else (args.net or ["loopback"])
                 encodings = ["batches"] if loader in BATCH_READERS else args.formats
-                for encoding in encodings:
-                    for device in devices:
-                        variants.append((Variant(loader, storage, encoding, workers, device), None))
-                    if loader == "dali" and not cuda:
-                        reason = "DALI mixed (nvJPEG) decode needs a CUDA GPU; none on this machine"
-                        variants.append((Variant(loader, storage, encoding, workers, "cuda"), reason))
+                for net in nets:
+                    for encoding in encodings:
+                        for device in devices:
+                            variants.append((Variant(loader, storage, encoding, workers, device, net), None))
+                        if loader == "dali" and not cuda:
+                            reason = "DALI mixed (nvJPEG) decode needs a CUDA GPU; none on this machine"
+                            v = Variant(loader, storage, encoding, workers, "cuda", net)
+                            variants.append((v, reason))
     # The baseline first: every ratio needs it.
     variants.sort(key=lambda v: (v[0].loader != "torchvision" or v[0].storage != "local", v[0].workers))
     return variants
@@ -150,22 +163,73 @@ def run_variant(v: Variant, data: str, args: argparse.Namespace, env: dict[str, 
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    head = "| loader | storage | encoding | workers | device | img/s | × baseline | GETs/shard/epoch |\n"
-    head += "|---|---|---|---|---|---:|---:|---:|\n"
+    head = (
+        "| loader | storage | network | encoding | workers | device | img/s | × baseline | × local "
+        "| set-up s | prefetch | GETs/shard/epoch |\n"
+    )
+    head += "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
     rows = []
     for r in results:
+        where = f"| {r['loader']} | {r['storage']} | {r.get('net') or ''} | {r['encoding']} "
+        where += f"| {r['workers']} | {r['device']} "
         if "skipped" in r:
-            rows.append(
-                f"| {r['loader']} | {r['storage']} | {r['encoding']} | {r['workers']} | {r['device']} "
-                f"| skipped: {r['skipped']} | | |"
-            )
+            rows.append(where + f"| skipped: {r['skipped']} | | | | | |")
             continue
         ratio = "" if r["ratio_to_baseline"] is None else f"{r['ratio_to_baseline']:.2f}"
+        local = r.get("ratio_to_local")
         gets = r.get("gets_per_shard_epoch")
         rows.append(
-            f"| {r['loader']} | {r['storage']} | {r['encoding']} | {r['workers']} | {r['device']} "
-            f"| {r['img_per_s']:,.0f} | {ratio} | {'' if gets is None else f'{gets:.2f}'} |"
+            where + f"| {r['img_per_s']:,.0f} | {ratio} | {'' if local is None else f'{local:.2f}'} "
+            f"| {r.get('setup_s', 0):.2f} | {_prefetch(r.get('prefetch_plan'))} "
+            f"| {'' if gets is None else f'{gets:.2f}'} |"
         )
+    return head + "\n".join(rows) + "\n"
+
+
+def _prefetch(plan: dict[str, Any] | None) -> str:
+    """A plan in a few characters: wds readers' depth ("d3"), or GETs at once for an up-front copy."""
+    if not plan or plan.get("source") == "local":
+        return ""
+    if "depth" in plan:
+        return f"d{plan['depth']}"
+    return f"c{plan.get('concurrency', '')}"
+
+
+def add_local_ratios(results: list[dict[str, Any]]) -> None:
+    """`ratio_to_local` on every measured remote row: its img/s over the same loader's on local disk
+    (same encoding, workers and device, same run)."""
+    local = {
+        (r["loader"], r["encoding"], r["workers"], r["device"]): r["img_per_s"]
+        for r in results
+        if r["storage"] == "local" and "skipped" not in r
+    }
+    for r in results:
+        if r["storage"] != "local" and "skipped" not in r:
+            base = local.get((r["loader"], r["encoding"], r["workers"], r["device"]))
+            r["ratio_to_local"] = round(r["img_per_s"] / base, 3) if base else None
+
+
+def net_table(results: list[dict[str, Any]]) -> str:
+    """Remote / local throughput per loader variant (rows) and network (columns), set-up time beside."""
+    measured = [r for r in results if r["storage"] != "local" and r.get("ratio_to_local") is not None]
+    nets = list(dict.fromkeys(r["net"] for r in measured))
+    if not nets:
+        return ""
+    keys = list(
+        dict.fromkeys((r["loader"], r["storage"], r["encoding"], r["workers"], r["device"]) for r in measured)
+    )
+    cell = {
+        (r["loader"], r["storage"], r["encoding"], r["workers"], r["device"], r["net"]): r for r in measured
+    }
+    head = "| loader | storage | encoding | workers | device | " + " | ".join(nets) + " |\n"
+    head += "|---|---|---|---|---|" + "---:|" * len(nets) + "\n"
+    rows = []
+    for key in keys:
+        cells = []
+        for net in nets:
+            r = cell.get((*key, net))
+            cells.append("" if r is None else f"{r['ratio_to_local']:.2f} ({r['setup_s']:.1f} s)")
+        rows.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -179,16 +243,21 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         ensure_dataset(data_dir / fmt, fmt, args.train_size, max(1_000, args.train_size // 10))
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": os.environ.get("CI", "")}
-    server = None
+    server = proxy = None
     remote = [s for s in args.storage if s != "local"]
     if remote:
         server = locals3.start(log_path=Path(args.out) / "moto.log")
         env.update(server.env())
         env["AWS_EC2_METADATA_DISABLED"] = "true"
+        env.pop(network.NET_ENV, None)  # the loaders measure the link; they are not told the preset
         locals3.create_bucket(server.endpoint, BUCKET)
         os.environ.update(server.env())
         for fmt in formats_needed:
-            upload(data_dir / fmt, f"s3://{BUCKET}/{fmt}")
+            upload(data_dir / fmt, f"s3://{BUCKET}/{fmt}")  # straight to the server: set-up, not measured
+        if args.net:
+            from feedrate.netproxy import NetProxy
+
+            proxy = NetProxy(server.endpoint, seed=0, record=False).start()
     try:
         results: list[dict[str, Any]] = []
         baseline: dict[int, float] = {}
@@ -206,9 +275,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 "device": variant.device,
                 "batch_size": args.batch_size,
             }
+            if variant.net:
+                row["net"] = variant.net
             if reason is None:
                 before = server.requests("GET", f"/{BUCKET}/") if server else []
-                outcome = run_variant(variant, data, args, env)
+                run_env = env
+                if proxy is not None and variant.net not in ("", "loopback"):
+                    proxy.link = network.preset(variant.net)
+                    run_env = {**env, "AWS_ENDPOINT_URL": proxy.endpoint, "COS_ENDPOINT": proxy.endpoint}
+                outcome = run_variant(variant, data, args, run_env)
                 gets = server.requests("GET", f"/{BUCKET}/")[len(before) :] if server else None
                 if variant.storage == "local":
                     gets = None
@@ -228,6 +303,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 setup_s=round(outcome["setup_s"], 3),
                 stats=outcome["stats"],
             )
+            if outcome.get("prefetch_plan"):
+                row["prefetch_plan"] = outcome["prefetch_plan"]
             if variant.loader == "torchvision" and variant.storage == "local":
                 baseline[variant.workers] = outcome["img_per_s"]
             base = baseline.get(variant.workers)
@@ -243,8 +320,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 row["gets_per_shard_epoch"] = round(shard_gets / (_train_shards(data_dir / fmt) * epochs), 3)
             results.append(row)
     finally:
+        if proxy is not None:
+            proxy.close()
         if server:
             locals3.stop(server.pid)
+    add_local_ratios(results)
     return {
         "machine": {**machine(), "libraries": library_versions(), "cuda": cuda},
         "config": {
@@ -255,6 +335,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_batches": args.warmup,
             "augmentation": "random crop 32 (pad 4), horizontal flip, normalise",
             "dataset": "synthetic",
+            "networks": {name: network.preset(name).as_dict() for name in args.net},
         },
         "results": results,
     }
@@ -271,6 +352,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=",".join(STORAGES), help="comma-separated: local,s3,cos")
     p.add_argument("--formats", default=",".join(ENCODINGS), help="comma-separated: jpg,png,raw")
     p.add_argument("--workers", default="2", help="comma-separated worker counts (default: 2)")
+    p.add_argument(
+        "--net",
+        default="",
+        help="network presets for remote storage, comma-separated or 'all' (default: none, unshaped): "
+        + ", ".join(n for n in network.PRESETS if n != "loopback"),
+    )
     p.add_argument("--samples", type=int, default=20_000, help="images per timed pass")
     p.add_argument("--train-size", type=int, default=20_000, help="samples in each bench dataset")
     p.add_argument("--batch-size", type=int, default=256)
@@ -289,6 +376,16 @@ def main(argv: list[str] | None = None) -> None:
         args.loaders = _csv(args.loaders, LOADERS, "loader")
         args.storage = _csv(args.storage, STORAGES, "storage")
         args.formats = _csv(args.formats, ENCODINGS, "format")
+        shaped = tuple(n for n in network.PRESETS if n != "loopback")
+        args.net = (
+            list(shaped)
+            if args.net == "all"
+            else _csv(args.net, shaped, "network preset")
+            if args.net
+            else []
+        )
+        if args.net and args.storage == ["local"]:
+            raise FeedrateError("--net shapes remote storage; add s3 or cos to --storage")
         try:
             args.workers = [int(w) for w in args.workers.split(",")]
         except ValueError:
@@ -302,6 +399,14 @@ def main(argv: list[str] | None = None) -> None:
         document = bench(args)
         document["config"]["wall_s"] = round(time.perf_counter() - started, 1)
         text = table(document["results"])
+        by_net = net_table(document["results"])
+        if by_net:
+            text += (
+                "\n## Remote / local throughput per network (set-up time, incl. any up-front copy)\n\n"
+                + "".join(f"- {network.preset(n).describe()}\n" for n in args.net)
+                + "\n"
+                + by_net
+            )
         tmp = out / ".bench.json.tmp"
         tmp.write_text(json.dumps(document, indent=2) + "\n")
         tmp.replace(out / "bench.json")

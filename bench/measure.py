@@ -93,6 +93,7 @@ def measure(
         "decode_device": getattr(loader, "decode_device", "cpu"),
         "downloads": [d.__dict__ for d in getattr(loader, "downloads", [])],
         "stats": loader.stats(),
+        "prefetch_plan": getattr(loader, "prefetch_plan", None),
     }
 
 

@@ -67,6 +67,11 @@ class Run:
         return scheme_of(data).replace("file", "local") if data else "?"
 
     @property
+    def net(self) -> str:
+        """The network preset the run's data came through ("" when none was named)."""
+        return str(self.config.get("net") or "")
+
+    @property
     def emulate(self) -> float | None:
         value = self.config.get("emulate")
         return float(value) if value else None
@@ -83,7 +88,8 @@ class Run:
     def variant(self) -> str:
         if not self.meta:
             return self.path.name
-        parts = [self.loader, self.storage, f"w{self.config.get('workers', '?')}"]
+        where = f"{self.storage}@{self.net}" if self.net else self.storage
+        parts = [self.loader, where, f"w{self.config.get('workers', '?')}"]
         if self.emulate:
             parts.append(f"emu{self.emulate:g}")
         return "/".join(parts)

@@ -15,6 +15,7 @@ COLUMNS = [
     "variant",
     "loader",
     "storage",
+    "net",
     "workers",
     "emulated_img_per_s",
     "dataset_kind",
@@ -48,6 +49,7 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
                     "variant": run.label,
                     "loader": run.loader,
                     "storage": run.storage,
+                    "net": run.net,
                     "workers": run.config.get("workers"),
                     "emulated_img_per_s": run.emulate,
                     "dataset_kind": run.kind,
@@ -75,7 +77,7 @@ def emulation_pass_line(runs: list[Run]) -> list[dict[str, Any]]:
             continue
         aus = [run.au(ep.epoch) for ep in run.train]
         aus = [a for a in aus if a is not None]
-        key = (run.loader, run.storage, run.config.get("workers"))
+        key = (run.loader, run.storage + (f"@{run.net}" if run.net else ""), run.config.get("workers"))
         groups.setdefault(key, []).append((run.emulate, min(aus) if aus else None))
     result = []
     for (loader, storage, workers), points in sorted(groups.items(), key=lambda kv: str(kv[0])):
@@ -91,6 +93,40 @@ def emulation_pass_line(runs: list[Run]) -> list[dict[str, Any]]:
             }
         )
     return result
+
+
+def remote_vs_local(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each remote row's AU and img/s beside the same loader's local run (same workers, emulated rate
+    and epoch): how many AU points and what share of throughput the network costs."""
+    local = {
+        (r["loader"], r["workers"], r["emulated_img_per_s"], r["epoch"]): r
+        for r in table
+        if r["storage"] == "local"
+    }
+    out = []
+    for r in table:
+        if r["storage"] == "local":
+            continue
+        base = local.get((r["loader"], r["workers"], r["emulated_img_per_s"], r["epoch"]))
+        if base is None:
+            continue
+        both_au = r["au"] is not None and base["au"] is not None
+        both_rate = r["img_per_s"] and base["img_per_s"]
+        out.append(
+            {
+                "loader": r["loader"],
+                "storage": r["storage"],
+                "net": r["net"] or "unnamed",
+                "workers": r["workers"],
+                "emulated_img_per_s": r["emulated_img_per_s"],
+                "epoch": r["epoch"],
+                "au_local": base["au"],
+                "au_remote": r["au"],
+                "au_points_lost": 100 * (base["au"] - r["au"]) if both_au else None,
+                "throughput_ratio": r["img_per_s"] / base["img_per_s"] if both_rate else None,
+            }
+        )
+    return out
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -144,4 +180,24 @@ def write_markdown(table: list[dict[str, Any]], sweep: list[dict[str, Any]], pat
             best = "none passed" if s["max_rate_at_au90"] is None else f"{s['max_rate_at_au90']:,.0f}"
             tried = ", ".join(f"{r:g}" for r in s["rates_tried"])
             lines.append(f"| {s['loader']} | {s['storage']} | {s['workers']} | {tried} | {aus} | {best} |")
+    pairs = remote_vs_local(table)
+    if pairs:
+        lines += [
+            "",
+            "## Remote vs local disk, per network",
+            "",
+            "| loader | storage | network | workers | emulated img/s | epoch | AU local | AU remote "
+            "| AU points lost | remote / local img/s |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in pairs:
+            lost = "" if p["au_points_lost"] is None else f"{p['au_points_lost']:+.1f}"
+            ratio = "" if p["throughput_ratio"] is None else f"{p['throughput_ratio']:.2f}"
+            emu = "" if not p["emulated_img_per_s"] else f"{p['emulated_img_per_s']:g}"
+            au_l = "" if p["au_local"] is None else f"{100 * p['au_local']:.1f}%"
+            au_r = "" if p["au_remote"] is None else f"{100 * p['au_remote']:.1f}%"
+            lines.append(
+                f"| {p['loader']} | {p['storage']} | {p['net']} | {p['workers']} | {emu} | {p['epoch']} "
+                f"| {au_l} | {au_r} | {lost} | {ratio} |"
+            )
     path.write_text("\n".join(lines) + "\n")

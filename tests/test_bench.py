@@ -19,10 +19,16 @@ FIELDS = {"loader", "storage", "encoding", "workers", "samples", "seconds", "img
 
 def test_plan_puts_baseline_first_and_skips_gpu_only_variants() -> None:
     args = argparse.Namespace(
-        loaders=["dali", "wds", "torchvision"], storage=["local", "s3"], formats=["jpg"], workers=[2]
+        loaders=["dali", "wds", "torchvision"], storage=["local", "s3"], formats=["jpg"], workers=[2], net=[]
     )
     variants = plan(args, cuda=False)
     assert variants[0] == (Variant("torchvision", "local", "batches", 2, "cpu"), None)
+    assert {v.net for v, _ in variants if v.storage == "s3"} == {"loopback"}, "unshaped without --net"
+    args.net = ["same-region", "home"]
+    shaped = plan(args, cuda=False)
+    assert {v.net for v, _ in shaped if v.storage == "s3"} == {"same-region", "home"}
+    assert {v.net for v, _ in shaped if v.storage == "local"} == {""}, "local data has no network"
+    assert len(shaped) == len(variants) + sum(1 for v, _ in variants if v.storage == "s3")
     skipped = [(v, why) for v, why in variants if why]
     assert {v.device for v, _ in skipped} == {"cuda"} and all("GPU" in why for _, why in skipped)
     assert {v.loader for v, _ in skipped} == {"dali"}
@@ -38,6 +44,7 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
         "--formats", "raw",
         "--samples", "256", "--train-size", "600", "--batch-size", "64",
         "--repeats", "1", "--warmup", "1", "--workers", "0",
+        "--net", "home",
         "--data-dir", str(tmp_path / "data"), "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "true", "AWS_EC2_METADATA_DISABLED": "true"}
@@ -56,11 +63,20 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     assert rows[("wds", "local")]["ratio_to_baseline"] == pytest.approx(
         rows[("wds", "local")]["img_per_s"] / base, rel=0.01
     )
-    # Remote wds streams each shard with one GET per epoch, counted at the server.
+    # Remote wds streams each shard with one GET per epoch, counted at the server, through the shaping
+    # proxy set to the home preset; each remote row is set beside the same loader on local disk.
     assert 0 < rows[("wds", "s3")]["gets_per_shard_epoch"] <= 1.0
+    for loader in ("torchvision", "wds"):
+        remote, local = rows[(loader, "s3")], rows[(loader, "local")]
+        assert remote["net"] == "home" and "net" not in local
+        assert remote["ratio_to_local"] == pytest.approx(remote["img_per_s"] / local["img_per_s"], rel=0.01)
+        assert remote["prefetch_plan"]["source"] == "measured"
+        assert 30 <= remote["prefetch_plan"]["link"]["latency_ms"] <= 65, "home: 40 +- 10 ms to first byte"
+    assert doc["config"]["networks"]["home"]["total_MBps"] == 12.5
     table = (out / "bench.md").read_text()
-    assert "| wds | s3 | raw | 0 | cpu |" in table and "× baseline" in table
-    assert "| wds | s3 | raw |" in done.stdout
+    assert "| wds | s3 | home | raw | 0 | cpu |" in table and "× baseline" in table and "× local" in table
+    assert "| wds | s3 | raw | 0 | cpu | " in table.split("Remote / local")[1], "the per-network table"
+    assert "| wds | s3 | home | raw |" in done.stdout
 
 
 def test_bad_selection_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -71,4 +87,12 @@ def test_bad_selection_is_one_line_exit_2(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert (
         done.stderr.strip() == "bench: error: unknown loader ffcv; accepted: torchvision, wds, dali, tensor"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--net", "moon", "--out", str(tmp_path)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "bench: error: unknown network preset moon; accepted: same-region, cross-region, home"
     )

@@ -135,3 +135,52 @@ def test_report_on_real_short_runs(tiny_dataset: Path, tmp_path: Path) -> None:
         assert run.au_from_csv(int(row["epoch"])) >= au - 1e-6, "the CSV estimate is an upper bound"
     assert table[2]["train_top1"] != "" and table[0]["train_top1"] == ""
     assert all(f.stat().st_size > 0 for f in files)
+
+
+def test_remote_runs_through_a_shaped_link_are_set_beside_local_ones(
+    tiny_dataset: Path, tmp_path: Path, s3_env, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.py from S3 through the shaping proxy (home preset, named with --net) and from local disk:
+    the report pairs them and says how many AU points the network cost."""
+    import train
+    from bench.__main__ import upload
+    from feedrate.netproxy import NetProxy
+    from feedrate.network import preset
+
+    url = f"s3://{bucket}/tiny"
+    upload(tiny_dataset, url)
+    runs = tmp_path / "runs"
+    common = [
+        "--loader",
+        "wds",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "64",
+        "--workers",
+        "0",
+        "--emulate",
+        "20000",
+    ]
+    assert train.main([*common, "--data", str(tiny_dataset), "--out", str(runs / "local")]) == 0
+    with NetProxy(s3_env.endpoint, link=preset("home"), seed=3) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        assert train.main([*common, "--data", url, "--net", "home", "--out", str(runs / "home")]) == 0
+    meta = json.loads((runs / "home" / "run.json").read_text())
+    assert meta["config"]["net"] == "home"
+    assert meta["loader"]["prefetch_plan"]["source"] == "option"
+    assert meta["loader"]["prefetch_plan"]["link"]["name"] == "home"
+    build_report([runs], tmp_path / "report")
+    with open(tmp_path / "report" / "summary.csv", newline="") as f:
+        table = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"wds/local/w0/emu20000", "wds/s3@home/w0/emu20000"}
+    assert table["wds/s3@home/w0/emu20000"]["net"] == "home"
+    md = (tmp_path / "report" / "summary.md").read_text()
+    section = md.split("## Remote vs local disk, per network")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| wds | s3 | home |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    au_local, au_remote, lost = float(cells[6][:-1]), float(cells[7][:-1]), float(cells[8])
+    assert lost == pytest.approx(au_local - au_remote, abs=0.11)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*common, "--data", url, "--net", "moon", "--out", str(runs / "bad")])
+    assert exit_info.value.code == 2 and not (runs / "bad").exists()
