@@ -180,18 +180,21 @@ def table(results: list[dict[str, Any]]) -> str:
         gets = r.get("gets_per_shard_epoch")
         rows.append(
             where + f"| {r['img_per_s']:,.0f} | {ratio} | {'' if local is None else f'{local:.2f}'} "
-            f"| {r.get('setup_s', 0):.2f} | {_prefetch(r.get('prefetch_plan'))} "
+            f"| {r.get('setup_s', 0):.2f} | {_prefetch(r.get('prefetch_plan'), r.get('stats', {}))} "
             f"| {'' if gets is None else f'{gets:.2f}'} |"
         )
     return head + "\n".join(rows) + "\n"
 
 
-def _prefetch(plan: dict[str, Any] | None) -> str:
-    """A plan in a few characters: wds readers' depth ("d3"), or GETs at once for an up-front copy."""
+def _prefetch(plan: dict[str, Any] | None, stats: dict[str, Any]) -> str:
+    """A plan in a few characters: wds readers' depth ("d3"; "d1→4" when the readers re-planned it
+    from their own shard GETs), or GETs at once for an up-front copy ("c8")."""
     if not plan or plan.get("source") == "local":
         return ""
     if "depth" in plan:
-        return f"d{plan['depth']}"
+        readers = plan.get("readers") or 1
+        now = stats.get("prefetch_depth", 0) / readers
+        return f"d{plan['depth']}" + (f"→{now:.3g}" if now and now != plan["depth"] else "")
     return f"c{plan.get('concurrency', '')}"
 
 

@@ -49,6 +49,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 from feedrate.errors import FeedrateError
+from feedrate.network import MIN_TIMED_BODY
 
 # Bounded network behaviour: an unreachable endpoint fails in seconds, not minutes.
 CONNECT_TIMEOUT_S = 5.0
@@ -156,9 +157,11 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.counters = Counters()
-        # (seconds to first byte, body bytes, seconds reading the body) of recent remote GETs: what a
-        # loader sizes its prefetching by when it is not told the link (feedrate.network.measured)
-        self.timings: deque[tuple[float, int, float]] = deque(maxlen=64)
+        # (seconds to first byte, body bytes, seconds reading the body, monotonic time of the first and
+        # of the last body byte) of recent remote GETs: what a loader sizes its prefetching by when it
+        # is not told the link (feedrate.network.measured)
+        self.timings: deque[tuple[float, int, float, float, float]] = deque(maxlen=64)
+        self.peak_body_bps = 0.0  # the fastest timed body of network.MIN_TIMED_BODY bytes or more, ever
 
     # -- naming ----------------------------------------------------------------------------------
     def url_for(self, name: str) -> str:
@@ -406,7 +409,8 @@ class _ResumableBody:
         self._transient = store._transient_errors()
         t0 = time.perf_counter()
         response = store._get(name, start, end, None)
-        self._first_byte_s = time.perf_counter() - t0
+        self._first_byte_at = self._last_byte_at = time.perf_counter()
+        self._first_byte_s = self._first_byte_at - t0
         self._body_s = 0.0
         self._got = 0
         self._timed = False
@@ -436,7 +440,8 @@ class _ResumableBody:
             if not data:
                 self._resume(None)
                 continue
-            self._body_s += time.perf_counter() - t0
+            self._last_byte_at = time.perf_counter()
+            self._body_s += self._last_byte_at - t0
             self._got += len(data)
             self._pos += len(data)
             self._store.counters.add(read=len(data))
@@ -473,7 +478,11 @@ class _ResumableBody:
         self._close_body()
         if not self._timed and self._got and not self._resumes:  # a resumed GET times the fault, not the link
             self._timed = True
-            self._store.timings.append((self._first_byte_s, self._got, self._body_s))
+            self._store.timings.append(
+                (self._first_byte_s, self._got, self._body_s, self._first_byte_at, self._last_byte_at)
+            )
+            if self._got >= MIN_TIMED_BODY and self._body_s > 0:
+                self._store.peak_body_bps = max(self._store.peak_body_bps, self._got / self._body_s)
 
     def __enter__(self) -> _ResumableBody:
         return self

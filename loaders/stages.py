@@ -202,15 +202,33 @@ def _parse_labels(
 
 
 def prefetched(
-    items: Iterable[Any], load: Callable[[Any], Any], pool: ThreadPoolExecutor, depth: int
+    items: Iterable[Any],
+    load: Callable[[Any], Any],
+    pool: ThreadPoolExecutor,
+    depth: int | Callable[[], int],
+    ready: Sequence[Future] = (),
+    spill: tuple[Sequence[Any], list[Future]] | None = None,
 ) -> Iterator:
-    """`load(item)` for each item, in order, with up to `depth` loads running ahead in `pool`."""
-    pending: deque[Future] = deque()
-    for item in items:
-        pending.append(pool.submit(load, item))
-        if len(pending) > depth:
+    """`load(item)` for each item, in order, with up to `depth` loads running ahead in `pool`.
+
+    `depth` may be a function, asked again before each item: a depth re-planned as the link is measured.
+    `ready`: loads of the first items, submitted earlier (read ahead across an epoch boundary).
+    `spill`: (the items that come next, a list to append their loads to): once every item is submitted,
+    each load taken out is replaced by one of the next items', so as many loads stay in flight across
+    the boundary as within it (the caller hands `spill`'s loads to the next pass as its `ready`).
+    """
+    want = depth if callable(depth) else lambda: depth
+    pending: deque[Future] = deque(ready)
+    for i, item in enumerate(items):
+        if i >= len(ready):
+            pending.append(pool.submit(load, item))
+        while len(pending) > want():
             yield pending.popleft().result()
     while pending:
+        if spill is not None:
+            following, started = spill
+            while len(started) < len(following) and len(pending) + len(started) <= want():
+                started.append(pool.submit(load, following[len(started)]))
         yield pending.popleft().result()
 
 

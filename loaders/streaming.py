@@ -46,18 +46,24 @@ device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' ex
 Prefetch depth (`prefetch=auto`, the default): 1 for a local dataset. For a remote one, the
 bandwidth-delay product (feedrate.network.prefetch_depth): the shard fetches each reader keeps in flight
 so that a consumer of DEFAULT_DEMAND_IMG_S images/s is fed over the link -- the `net` preset, else
-FEEDRATE_NET's, else the link measured from the index reads made when the loader is built (time to
-first byte, and bytes/s per connection). The choice and its inputs are in `prefetch_plan`.
+FEEDRATE_NET's, else the link measured: the index reads made when the loader is built give the time to
+first byte, and each reader re-plans its depth from its own timed shard GETs (large enough to show the
+bytes/s one connection carries). The first choice and its inputs are in `prefetch_plan`; the readers'
+current depths, summed, in `stats()["prefetch_depth"]`. Remote training readers also read ahead across
+the epoch boundary: once the last shard of an epoch is on its way, the first shards of the next one
+are fetched too, so an epoch does not open with a wait (not with `skip_bad`, whose skips are counted
+in the epoch that loads them).
 Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
 from (about 2 at the default sizes), and up to 4 batches in flight to the main process.
 """
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -163,6 +169,10 @@ class StreamSpec:
     cache_dir: str | None
     options: WdsOptions
     prefetch: int  # shard fetches in flight per reader (options.prefetch resolved)
+    plan_source: str  # where the depth came from: option | local | option/FEEDRATE_NET preset | measured
+    shard_bytes: int  # what the depth is re-planned with on a measured link
+    demand_bps: float
+    readers: int
     augment_in_reader: bool  # readers send float32 batches ready to use, else uint8 NHWC
 
 
@@ -173,11 +183,58 @@ class _ReaderState:
     def __init__(self, spec: StreamSpec) -> None:
         store = open_store(spec.url, endpoint_url=spec.endpoint_url)
         self.fetcher = ShardFetcher(DatasetRoot(store, spec.manifest), spec.cache_dir, spec.options.verify)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, spec.prefetch), thread_name_prefix="wds-fetch")
+        # A measured link is re-measured on the shard GETs themselves and the depth follows (`depth`),
+        # up to network.MAX_DEPTH fetches at once; otherwise the depth is fixed.
+        self.adaptive = spec.plan_source == "measured"
+        self.depth = max(1, spec.prefetch)
+        self._spec = spec
+        self.pool = ThreadPoolExecutor(
+            max_workers=network.MAX_DEPTH if self.adaptive else self.depth, thread_name_prefix="wds-fetch"
+        )
         self.skips = SkipLog("wds") if spec.options.skip_bad else None
+        # Reading ahead into the next epoch: remote training data only (local reads are fast), and not
+        # when skipping bad samples (a skip is counted in the epoch that loads its shard).
+        self.read_ahead = spec.train and not store.is_local and not spec.options.skip_bad
+        self._ahead: tuple[int, list[Unit], list[Future]] | None = None
+
+    def take_ahead(self, epoch: int, units: list[Unit]) -> list[Future]:
+        """The loads read ahead for `epoch` when they are of its first units (else none: dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return []
+        if ahead[0] == epoch and ahead[1][: len(ahead[2])] == units[: len(ahead[2])]:
+            return ahead[2]
+        for future in ahead[2]:
+            future.cancel()
+        return []
+
+    def spill_to(self, epoch: int, units: list[Unit]) -> tuple[list[Unit], list[Future]]:
+        """Where this epoch's pass starts loading `epoch`'s (the next one's) first units while it drains
+        (stages.prefetched's `spill`): without it, every epoch would open with the reader waiting one
+        shard's fetch time for its first shard."""
+        started: list[Future] = []
+        self._ahead = (epoch, units, started)
+        return units, started
+
+    def current_depth(self) -> int:
+        """The prefetch depth now: re-planned from this reader's own timed shard GETs on a measured link
+        (their bodies are large enough to show the per-connection bandwidth; the index reads made when
+        the loader was built are not)."""
+        if self.adaptive:
+            store = self.fetcher.root.store
+            link = network.measured(list(store.timings), peak_conn_bps=store.peak_body_bps)
+            if link is not None and math.isfinite(link.conn_bps):
+                spec = self._spec
+                # the link measured here is this reader's share of it: plan for this reader's share of
+                # the demand
+                share = spec.demand_bps / spec.readers
+                self.depth = network.prefetch_depth(link, spec.shard_bytes, share, readers=1)
+        return self.depth
 
     def stats(self) -> dict[str, int]:
-        return dict(self.fetcher.stats(), skipped=self.skips.count if self.skips else 0)
+        return dict(
+            self.fetcher.stats(), skipped=self.skips.count if self.skips else 0, prefetch_depth=self.depth
+        )
 
 
 class ShardStream(IterableDataset):
@@ -232,7 +289,13 @@ class ShardStream(IterableDataset):
             ref, index, unusable = spec.refs[unit.shard], spec.indexes[unit.shard], spec.unusable[unit.shard]
             return load_unit(unit, ref, index, state.fetcher, classes, state.skips, unusable)
 
-        loaded = prefetched(units, load, state.pool, spec.prefetch)
+        ready: list[Future] = []
+        spill = None
+        if state.read_ahead:
+            ready = state.take_ahead(epoch, units)
+            following = worker_units(spec.units, worker, workers, epoch + 1, spec.seed, shuffle=spec.train)
+            spill = state.spill_to(epoch + 1, following)
+        loaded = prefetched(units, load, state.pool, state.current_depth, ready, spill)
         rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker]) if spec.train else None
         buffer = spec.options.shuffle_buffer if spec.train else 0
         batches = decoded(
@@ -343,6 +406,10 @@ class WdsLoader:
             cache_dir=cfg.cache_dir,
             options=self.options,
             prefetch=self.prefetch_plan["depth"],
+            plan_source=self.prefetch_plan["source"],
+            shard_bytes=int(np.median([r.bytes for r in refs])),
+            demand_bps=float(self.prefetch_plan.get("demand_MBps", 0.0)) * network.MB,
+            readers=max(1, cfg.workers),
             augment_in_reader=at == "reader",
         )
         self._stream = ShardStream(spec)

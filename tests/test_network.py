@@ -5,6 +5,7 @@ loader behind the cross-region preset still yields every sample exactly once."""
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -55,13 +56,47 @@ def test_prefetch_scales_with_the_preset() -> None:
 
 
 def test_measured_link_from_timed_gets() -> None:
-    samples = [(0.05, 1_000_000, 0.1), (0.07, 1_000_000, 0.1), (0.06, 100, 0.0)]
-    link = network.measured(samples)
+    # (first byte s, bytes, body s, first body byte at, last body byte at)
+    one_at_a_time = [
+        (0.05, 2_000_000, 0.2, 0.0, 0.2),
+        (0.07, 2_000_000, 0.25, 1.0, 1.25),
+        (0.06, 500_000, 0.5, 2, 3),
+    ]
+    link = network.measured(one_at_a_time)
     assert link is not None and link.latency_s == pytest.approx(0.06)
-    assert link.conn_bps == pytest.approx(10 * MB), "bodies under 64 KiB do not count"
-    assert math.isinf(link.total_bps)
+    assert link.conn_bps == pytest.approx(10 * MB), (
+        "the fastest body of 1 MiB or more; smaller ones do not count"
+    )
+    assert link.total_bps == pytest.approx(4_000_000 / 0.45), "bytes over the time a body was arriving"
+    # two bodies at once, each at 10 MB/s: together 20 MB/s
+    overlapping = [(0.05, 2_000_000, 0.2, 0.0, 0.2), (0.05, 2_000_000, 0.2, 0.0, 0.2)]
+    assert network.measured(overlapping).total_bps == pytest.approx(20 * MB)  # type: ignore[union-attr]
     assert network.measured([]) is None
-    assert math.isinf(network.measured([(0.01, 10, 0.001)]).conn_bps)  # type: ignore[union-attr]
+    small = network.measured([(0.01, 10, 0.001, 0.0, 0.001)])
+    assert small is not None and math.isinf(small.conn_bps) and math.isinf(small.total_bps)
+
+
+def test_measured_depth_probes_up_on_a_free_link_and_holds_on_a_full_one() -> None:
+    """Re-planning from what k fetches at once achieved: on a link with room, k fetches bring k times
+    the bytes and the depth grows to what the demand needs; on a full link it stays put."""
+    shard, demand, latency, conn = 10 * MB, 100 * MB, 0.09, 40 * MB
+
+    def next_depth(k: int, link_cap: float) -> int:
+        each = min(conn, link_cap / k)  # k fetches share the link
+        t = shard / each
+        gets = [(latency, shard, t, 0.0, t)] * k
+        alone = min(conn, link_cap)  # what the first fetch, on its own, got
+        link = network.measured(gets, peak_conn_bps=alone)
+        return network.prefetch_depth(link, shard, demand)  # type: ignore[arg-type]
+
+    k, seen = 1, []
+    for _ in range(6):
+        k = next_depth(k, link_cap=math.inf)
+        seen.append(k)
+    assert seen == sorted(seen) and seen[-1] == network.prefetch_depth(
+        network.Link("t", latency, 0, conn, math.inf), shard, demand
+    ), f"slow start up to the demand's depth: {seen}"
+    assert next_depth(4, link_cap=12.5 * MB) <= 2, "a full 12.5 MB/s link: no deeper than fills it"
 
 
 def test_unknown_preset_names_the_accepted_ones(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +110,10 @@ def test_unknown_preset_names_the_accepted_ones(monkeypatch: pytest.MonkeyPatch)
 
 
 # -- loaders through the shaping proxy ----------------------------------------------------------------
+def tar_gets(proxy: NetProxy) -> list[str]:
+    return [e.path for e in proxy.requests("GET") if e.path.split("?")[0].endswith(".tar")]
+
+
 @pytest.fixture
 def shaped(s3_env, monkeypatch: pytest.MonkeyPatch):
     """A shaping proxy in front of the S3 server; the SDKs pointed at it."""
@@ -103,6 +142,12 @@ def test_wds_under_cross_region_yields_every_sample_once(
         for e in range(2):
             keys, _, _ = epoch(loader, e)
             assert Counter(keys) == Counter(all_keys(40)), f"epoch {e}: duplicates or missing samples"
+            if e == 0:  # the readers have started on epoch 1's first shards: 5 shards read, and more
+                deadline = time.monotonic() + 5
+                while len(tar_gets(shaped)) <= 5 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert len(tar_gets(shaped)) > 5, "no read-ahead across the epoch boundary"
+        assert len(tar_gets(shaped)) <= 15, "at most the third epoch's shards read ahead"
 
 
 def test_named_preset_overrides_the_measurement(

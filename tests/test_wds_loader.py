@@ -199,7 +199,9 @@ def test_object_store_one_get_per_shard_per_epoch(scheme: str, bucket: str, s3_e
         for e in range(2):
             keys, _, _ = epoch(loader, e)
             assert Counter(keys) == Counter(all_keys(30))
-            assert tar_gets(s3_env, bucket) - before == 3 * (e + 1), "one GET per shard per epoch"
+            # one GET per shard per epoch; the next epoch's first shards may already be on their way
+            # (the readers read ahead across the epoch boundary), never a shard twice in one epoch
+            assert 3 * (e + 1) <= tar_gets(s3_env, bucket) - before <= 3 * (e + 2), "one GET per shard"
         stats = loader.stats()
     assert stats["requests"] >= 6 and stats["bytes_read"] > 6 * 10 * 3072
 
