@@ -3,7 +3,9 @@
 Variants are loader x storage x encoding x workers (x network for remote storage). The torchvision
 loader on local disk with the same workers, measured in the same run, is the baseline of every ratio.
 Remote variants read `s3://` and `cos://` URLs from a local S3 endpoint (moto's server on 127.0.0.1)
-that the bench starts and stops itself; GET requests are counted at that server.
+that the bench starts and stops itself; GET requests are counted at that server (GETs/shard/epoch:
+shard GETs over shards x epochs begun; remote wds readers may also have read ahead into the next
+epoch, so up to one epoch more shows).
 
 `--net PRESET[,PRESET...]` (`make bench NET=same-region`; `all` for every preset): remote variants then
 read through the shaping proxy (feedrate.netproxy) set to each preset in turn -- first-byte latency,
@@ -319,8 +321,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 shard_gets = sum(1 for g in gets if g.split("?")[0].endswith(".tar"))
                 consumed = args.warmup * args.batch_size + outcome["samples"] * args.repeats
                 epochs = math.ceil(consumed / args.train_size)
+                shards = _train_shards(data_dir / fmt)
                 row["shard_gets"] = shard_gets
-                row["gets_per_shard_epoch"] = round(shard_gets / (_train_shards(data_dir / fmt) * epochs), 3)
+                row["gets_per_shard_epoch"] = round(shard_gets / (shards * epochs), 3)
+                # the wds readers read ahead into the epoch after the last one begun: its shards may
+                # have been fetched too (never a shard twice within an epoch: tests/test_wds_loader.py)
+                ahead = variant.loader == "wds" and variant.storage != "local"
+                row["shard_gets_bound"] = shards * (epochs + int(ahead))
             results.append(row)
     finally:
         if proxy is not None:

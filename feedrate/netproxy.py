@@ -119,16 +119,21 @@ class _Peer:
             return data
         return self.sock.recv(min(limit, CHUNK))
 
-    def read_upto(self, n: int) -> bytes:
-        """`n` bytes, or fewer when the peer closes first (a shaped chunk is paced by what it holds)."""
-        parts = []
-        while n > 0:
-            data = self.read_some(n)
-            if not data:
+    def read_into(self, view: memoryview) -> int:
+        """Fill `view` (fewer bytes when the peer closes first); the bytes read. Received straight into
+        the caller's buffer: a shaped relay moves every body byte through here, and on a 2-core machine
+        the proxy's CPU is taken from the loaders it measures."""
+        n = 0
+        if self.buf:
+            n = min(len(self.buf), len(view))
+            view[:n] = self.buf[:n]
+            self.buf = self.buf[n:]
+        while n < len(view):
+            got = self.sock.recv_into(view[n:])
+            if not got:
                 break
-            parts.append(data)
-            n -= len(data)
-        return b"".join(parts)
+            n += got
+        return n
 
     def read_exact(self, n: int) -> bytes:
         parts = []
@@ -361,7 +366,8 @@ class Exchange:
         if response.headers.get("transfer-encoding", "").lower() == "chunked":
             return self._relay_chunked(upstream)
         length = int(response.headers.get("content-length", "0"))
-        chunk = self.proxy._chunk_size(self.link) if self._paced else CHUNK
+        chunk = self.proxy._chunk_size(self.link) if self._paced else 4 * CHUNK
+        buffer = memoryview(bytearray(min(chunk, max(length, 1))))
         sent = 0
         while sent < length:
             if limit is not None and sent >= limit:
@@ -371,12 +377,9 @@ class Exchange:
             if pace:
                 pace(sent)
             want = length - sent if limit is None else min(length, limit) - sent
-            if self._paced:
-                data = upstream.read_upto(min(want, chunk))
-                if data:
-                    self.wait_until(self.proxy._reserve(self.clock, self.link, len(data), fresh=sent == 0))
-            else:
-                data = upstream.read_some(want)
+            data = buffer[: upstream.read_into(buffer[: min(want, chunk)])]
+            if data and self._paced:
+                self.wait_until(self.proxy._reserve(self.clock, self.link, len(data), fresh=sent == 0))
             if not data:
                 return None
             self.client.sock.sendall(data)

@@ -42,7 +42,8 @@ Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from
 encoding), `prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0; see below),
 `net` (a feedrate.network preset name: the link to plan prefetching for), `augment_at` (auto | reader |
 device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check),
-`skip_bad` (bool: skip and count bad samples instead of failing; train.py's `--skip-bad`).
+`skip_bad` (bool: skip and count bad samples instead of failing; train.py's `--skip-bad`), `read_ahead`
+(bool, default true: see below).
 Prefetch depth (`prefetch=auto`, the default): 1 for a local dataset. For a remote one, the
 bandwidth-delay product (feedrate.network.prefetch_depth): the shard fetches each reader keeps in flight
 so that a consumer of DEFAULT_DEMAND_IMG_S images/s is fed over the link -- the `net` preset, else
@@ -101,6 +102,7 @@ class WdsOptions:
     keys: bool = False
     augment_at: str = "auto"
     skip_bad: bool = False
+    read_ahead: bool = True  # remote training data: start the next epoch's first shards early
 
     @classmethod
     def parse(cls, options: dict[str, Any], encoding: str) -> WdsOptions:
@@ -109,7 +111,7 @@ class WdsOptions:
         if unknown:
             raise FeedrateError(f"unknown wds option {unknown[0]!r}; accepted: {', '.join(sorted(names))}")
         values = dict(options)
-        for name in ("verify", "keys", "skip_bad"):
+        for name in ("verify", "keys", "skip_bad", "read_ahead"):
             if name in values:
                 values[name] = _as_bool(name, values[name])
         if str(values.get("prefetch", "")).lower() == "auto":
@@ -194,7 +196,9 @@ class _ReaderState:
         self.skips = SkipLog("wds") if spec.options.skip_bad else None
         # Reading ahead into the next epoch: remote training data only (local reads are fast), and not
         # when skipping bad samples (a skip is counted in the epoch that loads its shard).
-        self.read_ahead = spec.train and not store.is_local and not spec.options.skip_bad
+        self.read_ahead = (
+            spec.options.read_ahead and spec.train and not store.is_local and not spec.options.skip_bad
+        )
         self._ahead: tuple[int, list[Unit], list[Future]] | None = None
 
     def take_ahead(self, epoch: int, units: list[Unit]) -> list[Future]:

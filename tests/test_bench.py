@@ -65,7 +65,9 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     )
     # Remote wds streams each shard with one GET per epoch, counted at the server, through the shaping
     # proxy set to the home preset; each remote row is set beside the same loader on local disk.
-    assert 0 < rows[("wds", "s3")]["gets_per_shard_epoch"] <= 1.0
+    # (reading ahead, a reader may have started the next epoch's shard too: one epoch more at most)
+    wds = rows[("wds", "s3")]
+    assert wds["gets_per_shard_epoch"] > 0 and wds["shard_gets"] <= wds["shard_gets_bound"]
     for loader in ("torchvision", "wds"):
         remote, local = rows[(loader, "s3")], rows[(loader, "local")]
         assert remote["net"] == "home" and "net" not in local

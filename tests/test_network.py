@@ -135,9 +135,11 @@ def test_wds_under_cross_region_yields_every_sample_once(
         plan = loader.prefetch_plan
         assert plan["source"] == "measured"
         cross = network.preset("cross-region")
-        # the loader's estimate of the latency: the median first byte of its index reads
-        low, high = cross.latency_s - cross.jitter_s, cross.latency_s + cross.jitter_s
-        assert low * 1e3 <= plan["link"]["latency_ms"] <= high * 1e3 + 15
+        # the loader's estimate of the latency: the median first byte of its index reads. The proxy never
+        # answers sooner than the preset; the client may see it later on a busy 2-core machine (up to
+        # ~0.5 s seen under the whole test suite), which only plans deeper.
+        low = cross.latency_s - cross.jitter_s
+        assert low * 1e3 <= plan["link"]["latency_ms"] <= 2_000
         assert plan["depth"] > 1, "latency with tiny shards: several fetches in flight"
         for e in range(2):
             keys, _, _ = epoch(loader, e)
