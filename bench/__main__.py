@@ -130,6 +130,15 @@ def plan(args: argparse.Namespace, cuda: bool) -> list[tuple[Variant, str | None
     return variants
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (Linux /proc; 0 where unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_variant(v: Variant, data: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -167,15 +176,15 @@ def run_variant(v: Variant, data: str, args: argparse.Namespace, env: dict[str, 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
         "| loader | storage | network | encoding | workers | device | img/s | × baseline | × local "
-        "| set-up s | prefetch | GETs/shard/epoch |\n"
+        "| set-up s | prefetch | GETs/shard/epoch | endpoint CPU |\n"
     )
-    head += "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+    head += "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     rows = []
     for r in results:
         where = f"| {r['loader']} | {r['storage']} | {r.get('net') or ''} | {r['encoding']} "
         where += f"| {r['workers']} | {r['device']} "
         if "skipped" in r:
-            rows.append(where + f"| skipped: {r['skipped']} | | | | | |")
+            rows.append(where + f"| skipped: {r['skipped']} | | | | | | |")
             continue
         ratio = "" if r["ratio_to_baseline"] is None else f"{r['ratio_to_baseline']:.2f}"
         local = r.get("ratio_to_local")
@@ -183,9 +192,14 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append(
             where + f"| {r['img_per_s']:,.0f} | {ratio} | {'' if local is None else f'{local:.2f}'} "
             f"| {r.get('setup_s', 0):.2f} | {_prefetch(r.get('prefetch_plan'), r.get('stats', {}))} "
-            f"| {'' if gets is None else f'{gets:.2f}'} |"
+            f"| {'' if gets is None else f'{gets:.2f}'} "
+            f"| {_percent(r.get('endpoint_cpu_share'))} |"
         )
     return head + "\n".join(rows) + "\n"
+
+
+def _percent(share: float | None) -> str:
+    return "" if share is None else f"{100 * share:.0f}%"
 
 
 def _prefetch(plan: dict[str, Any] | None, stats: dict[str, Any]) -> str:
@@ -233,7 +247,9 @@ def net_table(results: list[dict[str, Any]]) -> str:
         cells = []
         for net in nets:
             r = cell.get((*key, net))
-            cells.append("" if r is None else f"{r['ratio_to_local']:.2f} ({r['setup_s']:.1f} s)")
+            cpu = r.get("endpoint_cpu_share") if r else None
+            cpu_text = "" if cpu is None else f", endpoint {_percent(cpu)} CPU"
+            cells.append("" if r is None else f"{r['ratio_to_local']:.2f} ({r['setup_s']:.1f} s{cpu_text})")
         rows.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
@@ -288,7 +304,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 if proxy is not None and variant.net not in ("", "loopback"):
                     proxy.link = network.preset(variant.net)
                     run_env = {**env, "AWS_ENDPOINT_URL": proxy.endpoint, "COS_ENDPOINT": proxy.endpoint}
+                cpu0 = _endpoint_cpu(server)
+                wall0 = time.perf_counter()
                 outcome = run_variant(variant, data, args, run_env)
+                if server is not None and variant.storage != "local":
+                    # The emulated endpoint (moto's server, and the proxy's threads in this process)
+                    # runs on the machine it is measured on: its share of the CPUs, for the reader
+                    row["endpoint_cpu_share"] = round(
+                        (_endpoint_cpu(server) - cpu0)
+                        / ((time.perf_counter() - wall0) * (os.cpu_count() or 1)),
+                        3,
+                    )
                 gets = server.requests("GET", f"/{BUCKET}/")[len(before) :] if server else None
                 if variant.storage == "local":
                     gets = None
@@ -349,6 +375,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": results,
     }
+
+
+def _endpoint_cpu(server: locals3.LocalS3 | None) -> float:
+    """CPU seconds used so far by the local S3 server and by this process (whose only busy threads,
+    while a variant runs in its own process, are the shaping proxy's)."""
+    if server is None:
+        return 0.0
+    own = os.times()
+    return process_cpu_s(server.pid) + own.user + own.system
 
 
 def _train_shards(root: Path) -> int:
@@ -412,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
         by_net = net_table(document["results"])
         if by_net:
             text += (
-                "\n## Remote / local throughput per network (set-up time, incl. any up-front copy)\n\n"
+                "\n## Remote / local throughput per network (set-up time incl. any up-front copy; the share "
+                "of the CPUs the emulated endpoint - S3 server and shaping proxy - took meanwhile)\n\n"
                 + "".join(f"- {network.preset(n).describe()}\n" for n in args.net)
                 + "\n"
                 + by_net
