@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.measure import ENDPOINT_PIDS_ENV
 from feedrate import locals3, network
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import ENCODINGS, MANIFEST_NAME, Manifest
@@ -304,17 +305,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 if proxy is not None and variant.net not in ("", "loopback"):
                     proxy.link = network.preset(variant.net)
                     run_env = {**env, "AWS_ENDPOINT_URL": proxy.endpoint, "COS_ENDPOINT": proxy.endpoint}
-                cpu0 = _endpoint_cpu(server)
-                wall0 = time.perf_counter()
-                outcome = run_variant(variant, data, args, run_env)
                 if server is not None and variant.storage != "local":
-                    # The emulated endpoint (moto's server, and the proxy's threads in this process)
-                    # runs on the machine it is measured on: its share of the CPUs, for the reader
-                    row["endpoint_cpu_share"] = round(
-                        (_endpoint_cpu(server) - cpu0)
-                        / ((time.perf_counter() - wall0) * (os.cpu_count() or 1)),
-                        3,
-                    )
+                    # The emulated endpoint (moto's server; the shaping proxy's threads in this process)
+                    # shares the CPUs with the loader: the variant reports its share over the timed passes
+                    run_env = {**run_env, ENDPOINT_PIDS_ENV: f"{server.pid},{os.getpid()}"}
+                outcome = run_variant(variant, data, args, run_env)
                 gets = server.requests("GET", f"/{BUCKET}/")[len(before) :] if server else None
                 if variant.storage == "local":
                     gets = None
@@ -336,6 +331,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             )
             if outcome.get("prefetch_plan"):
                 row["prefetch_plan"] = outcome["prefetch_plan"]
+            if outcome.get("endpoint_cpu_share") is not None:
+                row["endpoint_cpu_share"] = outcome["endpoint_cpu_share"]
             if variant.loader == "torchvision" and variant.storage == "local":
                 baseline[variant.workers] = outcome["img_per_s"]
             base = baseline.get(variant.workers)
@@ -375,15 +372,6 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "results": results,
     }
-
-
-def _endpoint_cpu(server: locals3.LocalS3 | None) -> float:
-    """CPU seconds used so far by the local S3 server and by this process (whose only busy threads,
-    while a variant runs in its own process, are the shaping proxy's)."""
-    if server is None:
-        return 0.0
-    own = os.times()
-    return process_cpu_s(server.pid) + own.user + own.system
 
 
 def _train_shards(root: Path) -> int:
