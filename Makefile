@@ -26,6 +26,7 @@ DEST ?= data/shards-$(FORMAT)
 endif
 DATA ?= data/shards
 ARGS ?=
+NET ?=
 
 export PYTHONPATH := $(CURDIR)
 export PYTHONUNBUFFERED := 1
@@ -36,7 +37,7 @@ help:
 	@echo "make train-cifar [LOADER=torchvision|wds|dali|tensor] [DATA=URL] [EPOCHS=1] [WORKERS=N] [DEVICE=auto]"
 	@echo "make test          the CPU test suite (lint first in CI)"
 	@echo "make shards [DEST=URL] [FORMAT=jpg|png|raw] [SOURCE=auto|synthetic|PATH]"
-	@echo "make s3-up / s3-down   a local S3 endpoint (moto) on 127.0.0.1"
+	@echo "make s3-up [NET=preset] / s3-down   a local S3 endpoint (moto) on 127.0.0.1, optionally shaped"
 	@echo "make bench / compare [NET=same-region|cross-region|home|all]   loader benchmarks, training comparisons"
 	@echo "make lint / format"
 
@@ -88,12 +89,11 @@ format: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 s3-up: $(DEV_STAMP)
-	$(PY) -m feedrate.locals3 up
+	$(PY) -m feedrate.locals3 up $(if $(NET),--net $(NET))
 
 s3-down: $(DEV_STAMP)
 	$(PY) -m feedrate.locals3 down
 
-NET ?=
 bench: $(DEV_STAMP)
 	$(PY) -m bench $(if $(NET),--net $(NET)) $(ARGS)
 
