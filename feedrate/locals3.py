@@ -23,6 +23,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from feedrate.errors import FeedrateError, run_cli
 
@@ -141,17 +142,22 @@ def stop(pid: int, timeout_s: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def create_bucket(endpoint: str, bucket: str) -> None:
+def client(endpoint: str) -> Any:
+    """A boto3 S3 client for a local endpoint (the server itself or a proxy in front of it), with the
+    placeholder keys moto accepts, whatever the environment says."""
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=LOCAL_ACCESS_KEY,
         aws_secret_access_key=LOCAL_SECRET_KEY,
         region_name=LOCAL_REGION,
     )
-    client.create_bucket(Bucket=bucket)
+
+
+def create_bucket(endpoint: str, bucket: str) -> None:
+    client(endpoint).create_bucket(Bucket=bucket)
 
 
 def start_proxy(

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
-
 from feedrate import locals3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,13 +46,7 @@ def test_up_with_a_network_preset_then_down(tmp_path: Path) -> None:
         )
         assert env["AWS_ENDPOINT_URL"] == env["COS_ENDPOINT"] == endpoint
         assert "shaped as 'home'" in up.stdout and endpoint in up.stdout
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=locals3.LOCAL_ACCESS_KEY,
-            aws_secret_access_key=locals3.LOCAL_SECRET_KEY,
-            region_name=locals3.LOCAL_REGION,
-        )
+        client = locals3.client(endpoint)
         client.put_object(Bucket="shaped", Key="x", Body=b"\0" * 1_250_000)
         t0 = time.perf_counter()
         body = client.get_object(Bucket="shaped", Key="x")["Body"].read()

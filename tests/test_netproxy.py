@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
 
 from feedrate import locals3
@@ -80,13 +79,7 @@ def get(conn: http.client.HTTPConnection, path: str, headers: dict[str, str] | N
 
 def put_public(endpoint: str, bucket: str, key: str, body: bytes) -> str:
     """Upload `body` straight to the server, readable without credentials; its path for a plain GET."""
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=locals3.LOCAL_ACCESS_KEY,
-        aws_secret_access_key=locals3.LOCAL_SECRET_KEY,
-        region_name=locals3.LOCAL_REGION,
-    )
+    s3 = locals3.client(endpoint)
     s3.put_object(Bucket=bucket, Key=key, Body=body, ACL="public-read")
     return f"/{bucket}/{key}"
 
