@@ -53,7 +53,7 @@ bytes/s one connection carries). The first choice and its inputs are in `prefetc
 current depths, summed, in `stats()["prefetch_depth"]`. Remote training readers also read ahead across
 the epoch boundary: once the last shard of an epoch is on its way, the first shards of the next one
 are fetched too, so an epoch does not open with a wait (not with `skip_bad`, whose skips are counted
-in the epoch that loads them).
+in the epoch that loads them, nor with `cache_dir`, whose later epochs read local copies).
 Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
 from (about 2 at the default sizes), and up to 4 batches in flight to the main process.
 """
@@ -196,8 +196,13 @@ class _ReaderState:
         self.skips = SkipLog("wds") if spec.options.skip_bad else None
         # Reading ahead into the next epoch: remote training data only (local reads are fast), and not
         # when skipping bad samples (a skip is counted in the epoch that loads its shard).
+        # Not with a cache directory either: from the second epoch on, shards come from local disk.
         self.read_ahead = (
-            spec.options.read_ahead and spec.train and not store.is_local and not spec.options.skip_bad
+            spec.options.read_ahead
+            and spec.train
+            and not store.is_local
+            and not spec.options.skip_bad
+            and spec.cache_dir is None
         )
         self._ahead: tuple[int, list[Unit], list[Future]] | None = None
 
