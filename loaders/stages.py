@@ -215,21 +215,25 @@ def prefetched(
     `ready`: loads of the first items, submitted earlier (read ahead across an epoch boundary).
     `spill`: (the items that come next, a list to append their loads to): once every item is submitted,
     each load taken out is replaced by one of the next items', so as many loads stay in flight across
-    the boundary as within it (the caller hands `spill`'s loads to the next pass as its `ready`).
+    the boundary as within it (the caller hands `spill`'s loads to the next pass as its `ready`); an
+    item still loading for this pass is not started again until that load is done.
     """
     want = depth if callable(depth) else lambda: depth
-    pending: deque[Future] = deque(ready)
-    for i, item in enumerate(items):
-        if i >= len(ready):
-            pending.append(pool.submit(load, item))
+    items = list(items)
+    pending: deque[tuple[Any, Future]] = deque(zip(items, ready, strict=False))
+    for item in items[len(ready) :]:
+        pending.append((item, pool.submit(load, item)))
         while len(pending) > want():
-            yield pending.popleft().result()
+            yield pending.popleft()[1].result()
     while pending:
         if spill is not None:
             following, started = spill
             while len(started) < len(following) and len(pending) + len(started) <= want():
-                started.append(pool.submit(load, following[len(started)]))
-        yield pending.popleft().result()
+                nxt = following[len(started)]
+                if any(item == nxt and not future.done() for item, future in pending):
+                    break  # the same item is still loading for this pass: one fetch of it at a time
+                started.append(pool.submit(load, nxt))
+        yield pending.popleft()[1].result()
 
 
 Draw = list[tuple[LoadedUnit, np.ndarray]]  # one batch: (unit, positions in it) groups
