@@ -171,10 +171,9 @@ class StreamSpec:
     cache_dir: str | None
     options: WdsOptions
     prefetch: int  # shard fetches in flight per reader (options.prefetch resolved)
-    plan_source: str  # where the depth came from: option | local | option/FEEDRATE_NET preset | measured
-    shard_bytes: int  # what the depth is re-planned with on a measured link
-    demand_bps: float
-    readers: int
+    adaptive: bool  # the link was measured: each reader re-plans its depth from its own GETs
+    shard_bytes: int  # the typical shard, and this reader's share of the demand (bytes/s): what the
+    reader_demand_bps: float  # depth is re-planned with
     augment_in_reader: bool  # readers send float32 batches ready to use, else uint8 NHWC
 
 
@@ -187,7 +186,7 @@ class _ReaderState:
         self.fetcher = ShardFetcher(DatasetRoot(store, spec.manifest), spec.cache_dir, spec.options.verify)
         # A measured link is re-measured on the shard GETs themselves and the depth follows (`depth`),
         # up to network.MAX_DEPTH fetches at once; otherwise the depth is fixed.
-        self.adaptive = spec.plan_source == "measured"
+        self.adaptive = spec.adaptive
         self.depth = max(1, spec.prefetch)
         self._spec = spec
         self.pool = ThreadPoolExecutor(
@@ -233,11 +232,9 @@ class _ReaderState:
             store = self.fetcher.root.store
             link = network.measured(list(store.timings), peak_conn_bps=store.peak_body_bps)
             if link is not None and math.isfinite(link.conn_bps):
+                # the link measured here is this reader's share of it: planned for its share of the demand
                 spec = self._spec
-                # the link measured here is this reader's share of it: plan for this reader's share of
-                # the demand
-                share = spec.demand_bps / spec.readers
-                self.depth = network.prefetch_depth(link, spec.shard_bytes, share, readers=1)
+                self.depth = network.prefetch_depth(link, spec.shard_bytes, spec.reader_demand_bps)
         return self.depth
 
     def stats(self) -> dict[str, int]:
@@ -320,19 +317,16 @@ class ShardStream(IterableDataset):
 
 # -- the loader ------------------------------------------------------------------------------------
 def plan_prefetch(
-    root: DatasetRoot, refs: list[ShardRef], options: WdsOptions, readers: int
+    root: DatasetRoot, options: WdsOptions, shard_bytes: int, demand: float, readers: int
 ) -> dict[str, Any]:
     """The prefetch depth per reader and why: the option when it is a number, else 1 for local data,
-    else the bandwidth-delay product of the link (see the module docstring)."""
+    else the bandwidth-delay product of the link for `demand` bytes/s (see the module docstring)."""
     if options.prefetch is not None:
         return {"depth": options.prefetch, "source": "option"}
     found = network.link_for(root.store, options.net or None)
     if found is None:
         return {"depth": DEFAULT_PREFETCH, "source": "local"}
     link, source = found
-    shard_bytes = int(np.median([r.bytes for r in refs]))
-    per_sample = sum(r.bytes for r in refs) / max(1, sum(r.samples for r in refs))
-    demand = network.DEFAULT_DEMAND_IMG_S * per_sample
     depth = network.prefetch_depth(link, shard_bytes, demand, readers)
     return {
         "depth": depth,
@@ -399,7 +393,11 @@ class WdsLoader:
             at = "reader" if self.device.type == "cpu" and cfg.workers > 0 else "device"
         self._fetcher = ShardFetcher(root, cfg.cache_dir, self.options.verify)  # index reads, counted
         indexes, unusable = zip(*_read_indexes(self._fetcher, refs, self.options.skip_bad), strict=True)
-        self.prefetch_plan = plan_prefetch(root, refs, self.options, max(1, cfg.workers))
+        readers = max(1, cfg.workers)
+        shard_bytes = int(np.median([r.bytes for r in refs]))
+        # the demand a GPU-fed consumer makes, in bytes/s of this dataset's shards
+        demand = network.DEFAULT_DEMAND_IMG_S * sum(r.bytes for r in refs) / sum(r.samples for r in refs)
+        self.prefetch_plan = plan_prefetch(root, self.options, shard_bytes, demand, readers)
         spec = StreamSpec(
             url=root.url if root.store.is_local else cfg.data,
             endpoint_url=cfg.endpoint_url,
@@ -415,10 +413,9 @@ class WdsLoader:
             cache_dir=cfg.cache_dir,
             options=self.options,
             prefetch=self.prefetch_plan["depth"],
-            plan_source=self.prefetch_plan["source"],
-            shard_bytes=int(np.median([r.bytes for r in refs])),
-            demand_bps=float(self.prefetch_plan.get("demand_MBps", 0.0)) * network.MB,
-            readers=max(1, cfg.workers),
+            adaptive=self.prefetch_plan["source"] == "measured",
+            shard_bytes=shard_bytes,
+            reader_demand_bps=demand / readers,
             augment_in_reader=at == "reader",
         )
         self._stream = ShardStream(spec)
