@@ -193,3 +193,50 @@ def test_batch_reader_under_cross_region_fetches_concurrently(
     assert remote.prefetch_plan["concurrency"] > 1
     labels = lambda loader: Counter(int(y) for _, ys in loader for y in ys)  # noqa: E731
     assert labels(remote) == labels(here) and sum(labels(remote).values()) == 30
+
+
+def test_read_ahead_spills_into_the_next_pass_but_never_loads_one_item_twice_at_once() -> None:
+    """stages.prefetched with `spill`: once this pass's items are all submitted, the next pass's first
+    items start loading; an item still loading for this pass waits (the same shard is not fetched twice
+    at once, and a fault on it is met by this pass)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Event, Lock
+
+    from loaders.stages import prefetched
+
+    started: list[str] = []
+    gates: dict[str, Event] = {name: Event() for name in "abcd"}
+    lock = Lock()
+
+    def load(item: str) -> str:
+        with lock:
+            started.append(item)
+        assert gates[item].wait(10)
+        return item
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        # the next pass starts with an item this one is still loading: nothing spills until it is done
+        spilled: list = []
+        passes = prefetched(["a", "b"], load, pool, 4, spill=(["b", "c"], spilled))
+        gates["a"].set()
+        assert next(passes) == "a"
+        time.sleep(0.2)
+        assert started.count("b") == 1 and not spilled, "b is loading for this pass: not started again"
+        gates["b"].set()
+        assert next(passes) == "b"
+        assert next(passes, None) is None
+        # the next pass's items differ from what is loading: they start before this pass is drained
+        started.clear()
+        for gate in gates.values():
+            gate.clear()
+        spilled = []
+        passes = prefetched(["a", "b"], load, pool, 4, spill=(["c", "d"], spilled))
+        gates["a"].set()
+        assert next(passes) == "a"
+        deadline = time.monotonic() + 5
+        while len(started) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(started) == ["a", "b", "c", "d"] and len(spilled) == 2, "c and d read ahead"
+        for gate in gates.values():
+            gate.set()
+        assert next(passes) == "b" and [f.result() for f in spilled] == ["c", "d"]
