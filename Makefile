@@ -89,10 +89,10 @@ format: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 s3-up: $(DEV_STAMP)
-	$(PY) -m feedrate.locals3 up $(if $(NET),--net $(NET))
+	$(PY) -m rig.locals3 up $(if $(NET),--net $(NET))
 
 s3-down: $(DEV_STAMP)
-	$(PY) -m feedrate.locals3 down
+	$(PY) -m rig.locals3 down
 
 bench: $(DEV_STAMP)
 	$(PY) -m bench $(if $(NET),--net $(NET)) $(ARGS)

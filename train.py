@@ -5,14 +5,14 @@
 Each epoch trains on the `train` split, then evaluates on the `test` split (`--max-batches` caps both).
 Writes the seed's CSV (`train.csv`) and `run.json` into `--out` (default: a fresh
 results/runs/<timestamp>-<loader>). Per batch it times the wait on the loader and the step on one clock
-(feedrate.timing); the model, its recipe and the step are in feedrate.models. `--emulate RATE` replaces
+(training.timing); the model, its recipe and the step are in training.models. `--emulate RATE` replaces
 the model with an emulated accelerator that needs batch_size/RATE seconds per step, as MLPerf Storage's
 DLIO does.
 
 Ctrl-C or SIGTERM stops the run cleanly: the CSV keeps its complete rows, run.json says "interrupted",
 and the exit code is 130. Bad input is one line on stderr and exit code 2, before anything is written.
 
-Several processes, one node or many (torchrun sets the environment; feedrate.distributed reads it):
+Several processes, one node or many (torchrun sets the environment; training.distributed reads it):
 
     torchrun --standalone --nproc_per_node=2 train.py --loader tensor ...      (make train-cifar NPROC=2)
     torchrun --nnodes=2 --node_rank=K --rdzv_endpoint=HOST:PORT --nproc_per_node=N train.py ...
@@ -29,7 +29,7 @@ Several processes, one node or many (torchrun sets the environment; feedrate.dis
   with the unwrapped model (no per-batch collective), after rank 0's BatchNorm statistics are broadcast.
 - Accuracy is summed over the ranks (hits and samples), so it is the whole epoch's. Only rank 0 prints
   and writes the CSV (its own batches' times) and run.json (every rank's epoch times under `ranks`, the
-  job's figures beside them: feedrate.timing.across_ranks). Other ranks print nothing but errors.
+  job's figures beside them: training.timing.across_ranks). Other ranks print nothing but errors.
 - A signal (torchrun forwards Ctrl-C / SIGTERM to every rank) still leaves a complete CSV and a run.json
   marked interrupted on rank 0: after a signal no rank starts another collective.
 - Single process (WORLD_SIZE unset or 1): no process group at all, exactly as before.
@@ -60,14 +60,15 @@ from typing import Any
 import torch
 
 import loaders
-from feedrate import network, results
-from feedrate.distributed import DEFAULT_TIMEOUT_S, Group, SplitPlan, Topology, plan_epochs, sum_counters
+from feedrate import network
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import Manifest, load_manifest
-from feedrate.models import ARCHS, Stepper, peak_lr
 from feedrate.progress import progress
 from feedrate.storage import open_store, redact_url
-from feedrate.timing import Clock, EpochStats, EpochTimer, across_ranks, combine_ranks
+from training import results
+from training.distributed import DEFAULT_TIMEOUT_S, Group, SplitPlan, Topology, plan_epochs, sum_counters
+from training.models import ARCHS, Stepper, peak_lr
+from training.timing import Clock, EpochStats, EpochTimer, across_ranks, combine_ranks
 
 PROG = "train.py"
 DEVICES = ("auto", "cuda", "cpu")

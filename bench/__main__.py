@@ -8,7 +8,7 @@ shard GETs over shards x epochs begun; remote wds readers may also have read ahe
 epoch, so up to one epoch more shows).
 
 `--net PRESET[,PRESET...]` (`make bench NET=same-region`; `all` for every preset): remote variants then
-read through the shaping proxy (feedrate.netproxy) set to each preset in turn -- first-byte latency,
+read through the shaping proxy (rig.netproxy) set to each preset in turn -- first-byte latency,
 jitter, per-connection and shared bandwidth of a real object store -- and each remote row gets its
 ratio to the same loader on local disk (`ratio_to_local`). The loaders are not told the preset: they
 plan their prefetching from what they measure (their choice is in each row's `prefetch_plan`). Without
@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.measure import ENDPOINT_PIDS_ENV
-from feedrate import locals3, network
+from feedrate import network
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import ENCODINGS, MANIFEST_NAME, Manifest
 from feedrate.progress import progress
+from rig import locals3
 
 LOADERS = ("torchvision", "wds", "dali", "tensor")
 STORAGES = ("local", "s3", "cos")
@@ -256,7 +257,7 @@ def net_table(results: list[dict[str, Any]]) -> str:
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from feedrate.results import library_versions, machine
+    from training.results import library_versions, machine
 
     cuda = _cuda_available()
     data_dir = Path(args.data_dir)
@@ -277,7 +278,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for fmt in formats_needed:
             upload(data_dir / fmt, f"s3://{BUCKET}/{fmt}")  # straight to the server: set-up, not measured
         if args.net:
-            from feedrate.netproxy import NetProxy
+            from rig.netproxy import NetProxy
 
             proxy = NetProxy(server.endpoint, seed=0, record=False).start()
     try:

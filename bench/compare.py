@@ -8,7 +8,7 @@ forces the real model anywhere; `--emulate 2000,8000` picks the rates.
 
 `--net PRESET[,PRESET...]` (`make compare NET=same-region`; `all` for every preset): each variant also
 trains from S3 -- the dataset copied to a local S3 endpoint (moto's server on 127.0.0.1), read through
-the shaping proxy (feedrate.netproxy) set to the preset, with `train.py --net PRESET` so the loaders
+the shaping proxy (rig.netproxy) set to the preset, with `train.py --net PRESET` so the loaders
 size their prefetching for that link -- and the report sets each remote run's AU beside the same
 variant's on local disk.
 """
@@ -24,9 +24,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from feedrate import locals3, network
+from feedrate import network
 from feedrate.errors import FeedrateError, run_cli
 from loaders import BACKENDS
+from rig import locals3
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_SWEEP = (1_000.0, 3_000.0, 10_000.0, 30_000.0, 100_000.0)
@@ -54,7 +55,7 @@ def shaped_s3(data: str, out: Path) -> Iterator[tuple[str, dict[str, str], objec
     """The local dataset `data` copied to a local S3 endpoint with a shaping proxy in front:
     (its s3:// URL, the environment that points the SDKs at the proxy, the proxy)."""
     from bench.__main__ import upload
-    from feedrate.netproxy import NetProxy
+    from rig.netproxy import NetProxy
 
     root = Path(data)
     if not (root / "manifest.json").exists():

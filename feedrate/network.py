@@ -2,7 +2,7 @@
 
 A loopback S3 endpoint answers in microseconds; a real object store answers in tens of milliseconds and
 caps each connection's bandwidth. `Link` describes a network path in four figures, the ones the
-shaping proxy (feedrate.netproxy) imposes and the ones the loaders plan their prefetching with:
+shaping proxy (rig.netproxy) imposes and the ones the loaders plan their prefetching with:
 
 - `latency_s`: time to first byte of every request (request sent -> first response byte);
 - `jitter_s`: spread of that latency (each request draws uniformly from latency +- jitter);

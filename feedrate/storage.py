@@ -49,6 +49,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 from feedrate.errors import FeedrateError
+from feedrate.files import atomic_path
 from feedrate.network import MIN_TIMED_BODY
 
 # Bounded network behaviour: an unreachable endpoint fails in seconds, not minutes.
@@ -269,24 +270,13 @@ class LocalStore(Store):
 
     @contextlib.contextmanager
     def _atomic_target(self, name: str) -> Iterator[Path]:
+        """`files.atomic_path` for `name`, with OS errors (a full disk, a quota) as StorageErrors."""
         target = self.path(name)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        except OSError as exc:
-            raise StorageError(f"cannot write to {target.parent}: {exc.strerror}") from None
-        os.close(fd)
-        tmp_path = Path(tmp)
-        try:
-            yield tmp_path
-            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp's 0600 would hide data from other users
-            os.replace(tmp_path, target)
+            with atomic_path(target) as tmp:
+                yield tmp
         except OSError as exc:  # a full disk, a quota, a file size limit: the user's to fix
-            tmp_path.unlink(missing_ok=True)
             raise StorageError(f"cannot write {target}: {exc.strerror or exc}") from None
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self._atomic_target(name) as tmp:
@@ -343,12 +333,6 @@ class LocalStore(Store):
     def check_readable(self) -> None:
         if not self.root.is_dir():
             raise StorageError(f"{self.root} does not exist or is not a directory")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class _CountingReader:

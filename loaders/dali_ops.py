@@ -33,6 +33,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
+from feedrate.shardformat import LABEL_EXT
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING
 
 READER_NAME = "shards"
@@ -101,7 +102,7 @@ def _graph(spec: GraphSpec):  # type: ignore[no-untyped-def]  # a DALI graph, tr
         name=READER_NAME,
         paths=list(spec.paths),
         index_paths=list(spec.index_paths),
-        ext=[spec.encoding, "cls"],
+        ext=[spec.encoding, LABEL_EXT],
         missing_component_behavior="skip" if spec.skip_incomplete else "error",
         pad_last_batch=True,
         shard_id=spec.shard_id,

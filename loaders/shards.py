@@ -29,26 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from feedrate import network
-from feedrate.cifar import sha256_of
 from feedrate.errors import FeedrateError
+from feedrate.files import sha256_of
 from feedrate.manifest import Manifest, load_manifest
+from feedrate.shardformat import ShardError, ShardIndex, TruncatedShard, parse_index
 from feedrate.storage import LocalStore, RetryPolicy, Store, open_store
-
-LABEL_EXT = "cls"
-
-
-class ShardError(FeedrateError):
-    """A shard that is missing, truncated or does not match its manifest entry."""
-
-
-class TruncatedShard(ShardError):
-    """A read that got fewer bytes than the manifest promised; `data[:got]` holds what did arrive, so a
-    reader that skips bad samples can still use the samples that lie wholly inside it."""
-
-    def __init__(self, message: str, data: bytearray, got: int) -> None:
-        super().__init__(message)
-        self.data = data
-        self.got = got
 
 
 @dataclass(frozen=True)
@@ -244,91 +229,6 @@ def corrupt(url: str, actual: str, expected: str) -> ShardError:
     return ShardError(
         f"{url} is corrupt: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
     )
-
-
-@dataclass(frozen=True)
-class ShardIndex:
-    """Where each sample of one shard lies: data offsets and sizes of its image and label members.
-
-    Parsed from the shard's DALI index (`wds2idx` v1.2: per sample, `<ext> <offset> <size> <name>` for
-    each member). Arrays are int64, one entry per sample, in tar order. `missing` marks samples that lack
-    their image or their label (only a lenient parse lets them through; their absent member has size 0
-    at the offset of the other, so byte spans stay right).
-    """
-
-    name: str
-    keys: tuple[str, ...]
-    image_ext: str
-    image_offset: np.ndarray
-    image_size: np.ndarray
-    label_offset: np.ndarray
-    label_size: np.ndarray
-    missing: np.ndarray | None = None  # bool per sample; None: none missing
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    @classmethod
-    def empty(cls, name: str, image_ext: str) -> ShardIndex:
-        """The index of a shard that cannot be used at all (its samples are skipped)."""
-        none = np.zeros(0, dtype=np.int64)
-        return cls(name, (), image_ext, none, none, none, none)
-
-    def missing_rows(self, first: int, stop: int) -> np.ndarray:
-        """Bool per sample first..stop-1: True where the sample lacks a member."""
-        if self.missing is None:
-            return np.zeros(stop - first, dtype=bool)
-        return self.missing[first:stop]
-
-    def span(self, first: int, stop: int) -> tuple[int, int]:
-        """The byte range [start, end) of the shard that holds the data of samples first..stop-1."""
-        start = min(int(self.image_offset[first]), int(self.label_offset[first]))
-        end = max(
-            int(self.image_offset[stop - 1] + self.image_size[stop - 1]),
-            int(self.label_offset[stop - 1] + self.label_size[stop - 1]),
-        )
-        return start, end
-
-
-def parse_index(text: str, shard: str, image_ext: str, lenient: bool = False) -> ShardIndex:
-    """A ShardIndex from the text of `shard`'s .idx; every sample needs one `image_ext` and one cls.
-
-    A sample without both is a ShardError naming the shard and its key, unless `lenient`: then it is
-    marked in `missing` (for a reader that skips bad samples). A malformed index is always an error."""
-    lines = text.splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
-        raise ShardError(f"index of {shard}: expected a 'v1.2 <samples>' first line, got {lines[:1]}")
-    rows = [line.split() for line in lines[1:] if line.strip()]
-    if len(rows) != int(head[1]):
-        raise ShardError(f"index of {shard}: header says {head[1]} samples, it lists {len(rows)}")
-    keys: list[str] = []
-    table = np.zeros((len(rows), 4), dtype=np.int64)  # image offset, image size, label offset, label size
-    missing = np.zeros(len(rows), dtype=bool)
-    for i, row in enumerate(rows):
-        if len(row) % 4 or not all(row[j].isdigit() and row[j + 1].isdigit() for j in range(1, len(row), 4)):
-            raise ShardError(f"index of {shard}: malformed line {i + 2}: {' '.join(row)[:80]}")
-        members = {row[j]: (row[j + 1], row[j + 2], row[j + 3]) for j in range(0, len(row), 4)}
-        image, label = members.get(image_ext), members.get(LABEL_EXT)
-        key = _member_key(row[3])
-        keys.append(key)
-        if image is None or label is None:
-            have = ", ".join(sorted(members))
-            if not lenient:
-                raise ShardError(f"{shard}: sample {key} lacks a .{image_ext} or .cls member (has: {have})")
-            missing[i] = True
-            present = image or label or (row[1], "0", "")
-            image, label = image or (present[0], "0", ""), label or (present[0], "0", "")
-        table[i] = (int(image[0]), int(image[1]), int(label[0]), int(label[1]))
-    return ShardIndex(
-        shard, tuple(keys), image_ext, *table.T.copy(), missing=missing if missing.any() else None
-    )
-
-
-def _member_key(member: str) -> str:
-    directory, _, base = member.rpartition("/")
-    key = base.partition(".")[0]
-    return f"{directory}/{key}" if directory else key
 
 
 class ShardFetcher:

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from feedrate.shardformat import ShardError, ShardIndex, TruncatedShard
 from loaders.augment import augment, normalize
 from loaders.decode import DecodeError, Decoder, parse_labels
 from loaders.partition import Unit
-from loaders.shards import ShardError, ShardFetcher, ShardIndex, ShardRef, TruncatedShard
+from loaders.shards import ShardFetcher, ShardRef
 
 WARN_LINES = 10  # skips named on stderr per process; later ones are counted only
 

@@ -75,12 +75,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from feedrate import network
 from feedrate.errors import FeedrateError
 from feedrate.manifest import Manifest
+from feedrate.shardformat import ShardError, ShardIndex
 from feedrate.storage import StorageError, open_store
 from loaders.augment import augment, normalize
 from loaders.base import Download, LoaderConfig, batches_for
 from loaders.decode import DECODERS, decode_choices
 from loaders.partition import Unit, rank_units, worker_units
-from loaders.shards import DatasetRoot, ShardError, ShardFetcher, ShardIndex, ShardRef, open_dataset
+from loaders.shards import DatasetRoot, ShardFetcher, ShardRef, open_dataset
 from loaders.stages import LoadedUnit, SkipLog, decoded, drawn, load_unit, prefetched, transformed
 
 DEFAULT_SHUFFLE_BUFFER = 4096

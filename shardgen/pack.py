@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from feedrate import __version__
-from feedrate.cifar import BATCH_DIR, BATCH_FILES, load_source, sha256_of
+from feedrate.cifar import BATCH_DIR, BATCH_FILES
 from feedrate.errors import FeedrateError
+from feedrate.files import sha256_of
 from feedrate.manifest import (
     ENCODINGS,
     MANIFEST_NAME,
@@ -30,6 +31,7 @@ from feedrate.manifest import (
 )
 from feedrate.progress import progress
 from feedrate.storage import Store, open_store
+from shardgen.source import load_source
 from shardgen.writer import WrittenShard, encoder_settings, write_split
 
 SPLITS = ("train", "test")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from feedrate import locals3
+from rig import locals3
 
 
 def pytest_configure(config: pytest.Config) -> None:

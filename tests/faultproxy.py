@@ -1,6 +1,6 @@
 """The fault-injection proxy for tests, and the faults table (`make test-faults`).
 
-The proxy itself (`FaultProxy`, `Exchange`, the `Fault` classes) lives in feedrate/netproxy.py, because
+The proxy itself (`FaultProxy`, `Exchange`, the `Fault` classes) lives in rig/netproxy.py, because
 `make bench` shapes the network with it too; see that module for what each fault does. It is re-exported
 here under the names the tests know. What stays here needs pytest: the outcomes of fault-injection runs
 and the table conftest.py prints at the end of a session.
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from feedrate.netproxy import (
+from rig.netproxy import (
     CHUNK,
     HOST,
     Answer,

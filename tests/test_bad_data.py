@@ -27,10 +27,9 @@ import pytest
 from encoded import decode_identity
 
 from feedrate.manifest import MANIFEST_NAME
+from feedrate.shardformat import ShardError, parse_index, write_index
 from loaders import LoaderConfig, make_loader
-from loaders.shards import ShardError, parse_index
 from loaders.streaming import WdsLoader
-from shardgen.writer import write_index
 
 N_TRAIN, SHARD = 40, 10
 Members = list[tuple[str, bytes]]

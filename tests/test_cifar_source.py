@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from feedrate import cifar, synthetic
-from feedrate.cifar import SourceError, load_source, read_batch_dir, write_batch_dir
+from feedrate.cifar import SourceError, read_batch_dir, write_batch_dir
+from shardgen import source
+from shardgen.source import load_source
 
 
 def _small_splits(n_train: int = 50, n_test: int = 20) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -96,13 +98,13 @@ def archive_server(batch_dir: Path, tmp_path: Path) -> Iterator[tuple[str, str]]
     """An HTTP server on 127.0.0.1 serving a CIFAR-layout archive: (url, md5)."""
     served = tmp_path / "www"
     served.mkdir()
-    archive = _archive_of(batch_dir, served / cifar.CIFAR10_ARCHIVE)
+    archive = _archive_of(batch_dir, served / source.CIFAR10_ARCHIVE)
     handler = functools.partial(_QuietHandler, directory=str(served))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/{cifar.CIFAR10_ARCHIVE}"
+        url = f"http://127.0.0.1:{server.server_address[1]}/{source.CIFAR10_ARCHIVE}"
         yield url, hashlib.md5(archive.read_bytes()).hexdigest()
     finally:
         server.shutdown()
@@ -116,13 +118,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 def test_download_verifies_md5_and_caches(archive_server, tmp_path: Path, monkeypatch) -> None:
     url, md5 = archive_server
-    monkeypatch.setattr(cifar, "CIFAR10_URL", url)
-    monkeypatch.setattr(cifar, "CIFAR10_MD5", md5)
-    monkeypatch.setattr(cifar, "download_cifar10", functools.partial(cifar.download_cifar10, url=url))
+    monkeypatch.setattr(source, "CIFAR10_URL", url)
+    monkeypatch.setattr(source, "CIFAR10_MD5", md5)
+    monkeypatch.setattr(source, "download_cifar10", functools.partial(source.download_cifar10, url=url))
     cache = tmp_path / "cache"
     data = load_source("auto", cache, tmp_path / "scratch")
     assert data.kind == "cifar10"
-    assert (cache / cifar.CIFAR10_ARCHIVE).is_file()
+    assert (cache / source.CIFAR10_ARCHIVE).is_file()
     assert len(data.splits["train"][1]) == 50
     # Second use: served from the cache even with downloads off.
     again = load_source("auto", cache, tmp_path / "scratch2", allow_download=False)
@@ -133,7 +135,7 @@ def test_download_with_wrong_md5_leaves_nothing(archive_server, tmp_path: Path, 
     url, _ = archive_server
     cache = tmp_path / "cache"
     with pytest.raises(SourceError, match="md5"):
-        cifar.download_cifar10(cache, url=url)
+        source.download_cifar10(cache, url=url)
     assert list(cache.iterdir()) == []
 
 

@@ -24,11 +24,11 @@ import torch
 from test_train import TIME, check_csv
 
 import train
-from feedrate.distributed import Group, Topology, plan_split
 from feedrate.errors import FeedrateError
-from feedrate.timing import EpochStats, across_ranks, combine, combine_ranks
 from loaders import LoaderConfig, make_loader
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD
+from training.distributed import Group, Topology, plan_split
+from training.timing import EpochStats, across_ranks, combine, combine_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None

@@ -28,12 +28,12 @@ import boto3
 import pytest
 from encoded import decode_identity
 
-from feedrate import locals3
 from feedrate.errors import FeedrateError
 from feedrate.manifest import MANIFEST_NAME
 from feedrate.storage import READ_TIMEOUT_ENV, StorageError, open_store
 from loaders import LoaderConfig, make_loader
 from loaders.streaming import WdsLoader
+from rig import locals3
 from shardgen import ShardgenConfig, build
 from tests.faultproxy import (
     TALLY_KEY,

@@ -19,9 +19,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from feedrate import locals3
 from feedrate.manifest import MANIFEST_NAME
 from feedrate.storage import MULTIPART_THRESHOLD, READ_TIMEOUT_ENV, open_store
+from rig import locals3
 from tests.faultproxy import FaultProxy, Stall
 
 REPO = Path(__file__).resolve().parents[1]

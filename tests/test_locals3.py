@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from feedrate import locals3
+from rig import locals3
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_EC2_METADATA_DISABLED": "true"}
     return subprocess.run(
-        [sys.executable, "-m", "feedrate.locals3", *args],
+        [sys.executable, "-m", "rig.locals3", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

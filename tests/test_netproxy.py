@@ -1,4 +1,4 @@
-"""The shaping proxy (feedrate/netproxy.py) imposes the link it is given, measured from the client's side.
+"""The shaping proxy (rig/netproxy.py) imposes the link it is given, measured from the client's side.
 
 Real sockets end to end: a plain HTTP client -> the proxy -> the moto server. Objects are uploaded
 public-read straight to moto, so the client needs no signing and every millisecond it measures is the
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from feedrate import locals3
-from feedrate.netproxy import Answer, Exchange, NetProxy, Reset
 from feedrate.network import LOOPBACK, MB, PRESETS, Link
+from rig import locals3
+from rig.netproxy import Answer, Exchange, NetProxy, Reset
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 0.10  # the issue's tolerance on every shaped figure
@@ -257,7 +257,7 @@ def test_faults_compose_with_shaping(s3_env, bucket: str) -> None:
 # -- the command line ---------------------------------------------------------------------------------
 def start_cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "feedrate.netproxy", *args],
+        [sys.executable, "-m", "rig.netproxy", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

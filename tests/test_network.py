@@ -14,9 +14,9 @@ from test_wds_loader import all_keys, build_coded, config, epoch
 
 from feedrate import network
 from feedrate.errors import FeedrateError
-from feedrate.netproxy import NetProxy
 from loaders import LoaderConfig, make_loader
 from loaders.streaming import WdsLoader
+from rig.netproxy import NetProxy
 
 MB = network.MB
 JPG_SHARD = 10_200_000  # a 2,500-sample jpg shard of synthetic CIFAR (README, shard sizes)

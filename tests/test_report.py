@@ -144,8 +144,8 @@ def test_remote_runs_through_a_shaped_link_are_set_beside_local_ones(
     the report pairs them and says how many AU points the network cost."""
     import train
     from bench.__main__ import upload
-    from feedrate.netproxy import NetProxy
     from feedrate.network import preset
+    from rig.netproxy import NetProxy
 
     url = f"s3://{bucket}/tiny"
     upload(tiny_dataset, url)

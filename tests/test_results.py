@@ -1,4 +1,4 @@
-"""feedrate.timing and feedrate.results: the recorder's arithmetic, the CSV's format, run.json's writing."""
+"""training.timing and training.results: the recorder's arithmetic, the CSV's format, run.json's writing."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from feedrate import results
-from feedrate.timing import Clock, EpochStats, EpochTimer, combine
+from training import results
+from training.timing import Clock, EpochStats, EpochTimer, combine
 
 
 class FakeClock:

@@ -26,9 +26,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from feedrate import locals3
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
+from rig import locals3
 from tests.faultproxy import FaultProxy, Truncate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,9 +19,9 @@ from PIL import Image
 
 from feedrate.cifar import read_batch_dir
 from feedrate.manifest import MANIFEST_NAME, Manifest
+from feedrate.shardformat import write_index
 from feedrate.storage import open_store
 from shardgen import ShardgenConfig, build
-from shardgen.writer import write_index
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST, SHARD = 230, 70, 50

@@ -12,10 +12,11 @@ import torch
 
 from feedrate.cifar import CLASS_NAMES, write_batch_dir
 from feedrate.errors import FeedrateError
+from feedrate.shardformat import ShardError, parse_index
 from loaders import CIFAR10_MEAN, CIFAR10_STD, LoaderConfig, make_loader
 from loaders.decode import parse_labels
 from loaders.partition import Unit, rank_units, split_units, worker_units
-from loaders.shards import ShardError, open_dataset, parse_index
+from loaders.shards import open_dataset
 from loaders.streaming import WdsLoader
 from shardgen import ShardgenConfig, build
 

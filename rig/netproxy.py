@@ -44,7 +44,7 @@ Requests are relayed one upstream connection each; request bodies must carry a C
 SDKs' reads, puts and part uploads do). The proxy listens on 127.0.0.1 only and relays only to a
 loopback upstream: it never sends traffic off the machine.
 
-`python -m feedrate.netproxy --upstream http://127.0.0.1:PORT --net PRESET` runs one in the foreground:
+`python -m rig.netproxy --upstream http://127.0.0.1:PORT --net PRESET` runs one in the foreground:
 it prints `endpoint http://127.0.0.1:NNNN` and serves until SIGTERM or SIGINT.
 """
 
@@ -724,7 +724,7 @@ def _run(upstream: str, net: str, port: int, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m feedrate.netproxy`: a shaping proxy in the foreground until SIGTERM or SIGINT."""
+    """`python -m rig.netproxy`: a shaping proxy in the foreground until SIGTERM or SIGINT."""
     p = argparse.ArgumentParser(
         prog="netproxy",
         description="Relay a local S3 endpoint through a shaped loopback link; prints 'endpoint URL'.",

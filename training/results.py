@@ -18,14 +18,14 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from feedrate import __version__
 from feedrate.errors import FeedrateError
-from feedrate.timing import BatchTime, EpochStats
+from feedrate.files import atomic_path
+from training.timing import BatchTime, EpochStats
 
 CSV_NAME = "train.csv"
 RUN_JSON_NAME = "run.json"
@@ -135,24 +135,13 @@ class NoLog:
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write `document` to `path` via a temporary file in the same directory and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write `document` to `path` atomically (`feedrate.files.atomic_path`)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(document, f, indent=2, default=str)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         raise FeedrateError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 # -- provenance ---------------------------------------------------------------------------------------

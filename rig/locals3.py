@@ -2,9 +2,9 @@
 
 Both boto3 (`s3://`) and ibm_boto3 (`cos://`, HMAC keys) speak to it over real HTTP. The server runs as
 its own process; `start` returns its pid and endpoint, `stop` ends it by pid. `python -m
-feedrate.locals3 up|down` is what `make s3-up` / `make s3-down` run: state (pid, endpoint, an env file
+rig.locals3 up|down` is what `make s3-up` / `make s3-down` run: state (pid, endpoint, an env file
 to source) lives in `.s3-local/`. `up --net PRESET` (`make s3-up NET=home`) also starts the shaping
-proxy (feedrate.netproxy) in front of the server and points the env files at the proxy, so that every
+proxy (rig.netproxy) in front of the server and points the env files at the proxy, so that every
 tool run against it meets that network.
 """
 
@@ -169,7 +169,7 @@ def start_proxy(
     preset(net)  # an unknown name fails here, naming the accepted ones
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "feedrate.netproxy", "--upstream", upstream, "--net", net],
+        [sys.executable, "-m", "rig.netproxy", "--upstream", upstream, "--net", net],
         stdout=subprocess.PIPE,
         stderr=log,
         stdin=subprocess.DEVNULL,

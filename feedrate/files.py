@@ -1,0 +1,78 @@
+"""Local files: one way to write atomically and one way to hash.
+
+Every file feedrate publishes locally (shards, indexes, manifests, run.json, cache copies, downloads)
+is written under a temporary name in its target directory and renamed into place, so a reader sees the
+whole file or none. The temporary name starts with a dot and ends in `.tmp`, so a crash leaves
+something recognisable. Published files get the permissions an ordinary `open()` would give (0666 less
+the umask): `mkstemp`'s 0600 would hide a shared dataset or cache from other users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+_UMASK_LOCK = threading.Lock()
+_UMASK: int | None = None
+
+
+def umask() -> int:
+    """The process umask, read once (reading it means setting it; done under a lock, once)."""
+    global _UMASK
+    with _UMASK_LOCK:
+        if _UMASK is None:
+            mask = os.umask(0o022)
+            os.umask(mask)
+            _UMASK = mask
+        return _UMASK
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """A temporary path beside `target`; renamed onto `target` when the block succeeds, removed if not.
+
+    The parent directory is created. The caller writes the temporary file however it likes (a stream,
+    an SDK download, a tar writer).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # on disk before it has the final name (a crash keeps no torn file)
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    """Write `data` to `target` atomically."""
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file (`sha256` as manifests record it; `md5` for CIFAR-10's published sums)."""
+    with open(path, "rb") as f:
+        if algorithm == "md5":
+            return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, as manifests record it."""
+    return file_digest(path, "sha256")
+
+
+def md5_of(path: Path) -> str:
+    """The md5 of a file (CIFAR-10's published checksums are md5)."""
+    return file_digest(path, "md5")
