@@ -39,9 +39,10 @@ from feedrate import network
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import ENCODINGS, MANIFEST_NAME, Manifest
 from feedrate.progress import progress
+from loaders import BACKENDS
 from rig import locals3
 
-LOADERS = ("torchvision", "wds", "dali", "tensor")
+LOADERS = tuple(BACKENDS)
 STORAGES = ("local", "s3", "cos")
 # Loaders that read the CIFAR python batches rather than the shards: encoding does not apply.
 BATCH_READERS = ("torchvision", "tensor")

@@ -54,6 +54,21 @@ def atomic_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def inside(root: Path, name: str) -> Path:
+    """`root / name`, refusing a name that would land outside `root` (`..`, an absolute path, a link out).
+
+    Names that become local paths often come from data (a manifest on someone's bucket): this is the
+    last check before such a name touches the file system. Raises ValueError naming the value.
+    """
+    root = Path(root)
+    target = root / name
+    base = root.resolve()
+    resolved = target.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"{name!r} would be written outside {root}; expected a name inside it")
+    return target
+
+
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     """Write `data` to `target` atomically."""
     with atomic_path(target) as tmp:

@@ -16,6 +16,7 @@ from feedrate.errors import FeedrateError
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 ENCODINGS = ("jpg", "png", "raw")
+SPLITS = ("train", "test")
 KINDS = ("cifar10", "synthetic", "custom")
 
 

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from feedrate.errors import FeedrateError
+from feedrate.manifest import SPLITS
 
 # CIFAR-10 per-channel statistics of the training set (0-1 scale).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CROP_PADDING = 4
-SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)

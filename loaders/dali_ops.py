@@ -33,12 +33,12 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
+from feedrate.manifest import ENCODINGS
 from feedrate.shardformat import LABEL_EXT
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING
 
 READER_NAME = "shards"
 OUTPUT_NAMES = ("images", "labels")
-ENCODINGS = ("jpg", "png", "raw")
 IMAGE_SIZE = 32
 RAW_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 # Labels leave the graph padded with NUL bytes to at least this many characters (longer ones widen the

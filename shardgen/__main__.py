@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from feedrate.errors import FeedrateError, run_cli
-from feedrate.manifest import ENCODINGS
-from shardgen.pack import DEFAULT_SHARD_SIZE, SPLITS, ShardgenConfig, build
+from feedrate.manifest import ENCODINGS, SPLITS
+from shardgen.pack import DEFAULT_SHARD_SIZE, ShardgenConfig, build
 
 
 def get_args_parser() -> argparse.ArgumentParser:

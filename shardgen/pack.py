@@ -24,6 +24,7 @@ from feedrate.files import sha256_of
 from feedrate.manifest import (
     ENCODINGS,
     MANIFEST_NAME,
+    SPLITS,
     FileEntry,
     Manifest,
     ShardEntry,
@@ -34,7 +35,6 @@ from feedrate.storage import Store, open_store
 from shardgen.source import load_source
 from shardgen.writer import WrittenShard, encoder_settings, write_split
 
-SPLITS = ("train", "test")
 # 2,500 samples per shard: 20 train + 4 test shards for CIFAR-10, 3.5-12 MB each depending on the
 # encoding. Enough shards to keep 2-8 loader workers busy with whole shards; large enough that one GET
 # per shard costs nothing next to the transfer (thousands of samples per request against an object
