@@ -15,10 +15,17 @@ from typing import Any
 
 from feedrate.errors import FeedrateError
 from feedrate.storage import scheme_of
+from training.results import (
+    CSV_HEADER,
+    DOWNLOAD_TYPES,
+    RUN_JSON_NAME,
+    TRAIN_BATCH,
+    TRAIN_EPOCH,
+    VAL_EPOCH,
+)
 
-HEADER = ["type", "epoch", "start", "loading", "duration", "value1", "value2"]
-DOWNLOAD_TRAIN, DOWNLOAD_VAL = 10, 11
-TRAIN_EPOCH, VAL_EPOCH, TRAIN_BATCH = 0, 1, 2
+# The contract is written by training.results; reading it here from the same names keeps the two in step.
+HEADER = list(CSV_HEADER)
 
 
 @dataclass
@@ -148,7 +155,7 @@ def read_csv(path: Path) -> Run:
                 raise FeedrateError(f"{path}:{number}: {len(row)} fields, expected {len(HEADER)}")
             kind, epoch = int(row[0]), int(row[1])
             start, loading, duration = float(row[2]), float(row[3]), float(row[4])
-            if kind in (DOWNLOAD_TRAIN, DOWNLOAD_VAL):
+            if kind in DOWNLOAD_TYPES.values():
                 run.downloads.append((kind, loading, duration, int(float(row[5]))))
             elif kind in (TRAIN_EPOCH, VAL_EPOCH):
                 entry = EpochRow(epoch, start, loading, duration, _float(row[5]), _float(row[6]))
@@ -162,7 +169,7 @@ def read_csv(path: Path) -> Run:
 
 def load_run(csv_path: Path) -> Run:
     run = read_csv(csv_path)
-    meta = csv_path.parent / "run.json"
+    meta = csv_path.parent / RUN_JSON_NAME
     if meta.exists():
         try:
             run.meta = json.loads(meta.read_text())

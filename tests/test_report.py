@@ -81,6 +81,35 @@ def test_plots_are_real_images(runs_dir: Path, tmp_path: Path) -> None:
         assert pixels.std() > 5, f"{png.name} is not blank"
 
 
+def test_what_the_training_log_writes_the_report_reads(tmp_path: Path) -> None:
+    """The writer (training.results.CsvLog) and the reader share one contract: every row type it writes
+    comes back with its figures, and the literal header here is the one the writer puts on top."""
+    from training.results import CSV_NAME, TRAIN_EPOCH, VAL_EPOCH, CsvLog
+    from training.timing import BatchTime, EpochStats
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with CsvLog(folder / CSV_NAME) as log:
+        log.download("train", 1700000000.0, 0.25, 0.5, 300)
+        log.download("test", 1700000000.5, 0.125, 0.25, 100)
+        for i in (1, 2):
+            log.batch(1, 1700000001.0, BatchTime(i, 64, 0.5, 1.5, 0.5 * i, 2.0 * i), 2)
+        log.epoch(TRAIN_EPOCH, 1, EpochStats(1700000001.0, 2, 128, 1.0, 4.0, 3.0, 2.0), 0.5, 0.875)
+        log.epoch(VAL_EPOCH, 1, EpochStats(1700000005.0, 1, 64, 0.25, 1.0, 0.75, 1.0), 0.625, 1.0)
+    assert (folder / CSV_NAME).read_text().splitlines()[0] + "\n" == HEADER
+    (run,) = find_runs([folder])
+    assert run.downloads == [(10, 0.25, 0.5, 300), (11, 0.125, 0.25, 100)]
+    assert [(b.batch, b.planned, b.loading, b.duration) for b in run.batches] == [
+        (1, 2, 0.5, 2.0),
+        (2, 2, 1.0, 4.0),
+    ]
+    assert [(e.epoch, e.loading, e.duration, e.top1, e.top5) for e in run.train] == [
+        (1, 1.0, 4.0, 0.5, 0.875)
+    ]
+    assert [(e.epoch, e.top1, e.top5) for e in run.val] == [(1, 0.625, 1.0)]
+    assert run.au_from_csv(1) == pytest.approx(0.75)
+
+
 def test_one_run_folder_and_duplicate_labels(runs_dir: Path, tmp_path: Path) -> None:
     single = find_runs([runs_dir / "a"])
     assert [r.label for r in single] == ["wds/s3/w2"]
