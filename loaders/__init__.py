@@ -1,7 +1,8 @@
 """Loaders by name. Each backend's heavy dependency is imported only when that backend is asked for.
 
 `make_loader("dali", cfg)` on a machine without DALI raises a FeedrateError that says what to install;
-`import loaders` itself needs nothing beyond the standard library and feedrate.
+`import loaders` itself needs nothing beyond the standard library and feedrate;
+`unavailable(name, device)` says why a backend cannot run here without importing it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 from feedrate.errors import FeedrateError
+from loaders.availability import unavailable
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, Download, Loader, LoaderConfig, batches_for
 
 # name -> (module, class, pip packages that backend needs)
@@ -32,8 +34,6 @@ def make_loader(name: str, cfg: LoaderConfig) -> Loader:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module_name or module_name.startswith(exc.name + ".")):
-            raise FeedrateError(f"loader {name!r} is not built yet in this version of feedrate") from None
         raise FeedrateError(
             f"loader {name!r} needs the package that provides {exc.name!r}: pip install {packages}"
         ) from None
@@ -50,4 +50,5 @@ __all__ = [
     "available",
     "batches_for",
     "make_loader",
+    "unavailable",
 ]

@@ -20,7 +20,6 @@ batch excluded. A loader that cannot run here gets a row saying why.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -33,8 +32,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("jpg", "png", "raw")
 DEVICES = ("cuda", "cpu")
-# Modules a backend needs beyond its own module, which it imports only when a loader is built.
-DEFERRED_IMPORTS = {"dali": ("nvidia.dali", "nvidia.dali.plugin.pytorch")}
 RUN_TIMEOUT_S = 150  # one train.py run; with BUDGET_S this keeps the whole check under 6 minutes
 
 
@@ -113,28 +110,18 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def probe(name: str) -> str | None:
-    """Why loader `name` cannot run here, or None when its imports work."""
+def probe(name: str, device: str | None) -> str | None:
+    """Why loader `name` cannot run on `device` here (loaders.unavailable, with its imports tried), or
+    None. `device=None` checks the packages only: a dry run shows the plan for the GPU node even on a
+    laptop without one. An unknown name gets a row saying so rather than stopping the whole check."""
     sys.path.insert(0, str(ROOT))
     import loaders
+    from feedrate.errors import FeedrateError
 
-    if name not in loaders.BACKENDS:
-        return f"unknown loader; accepted: {', '.join(loaders.available())}"
-    module, _cls, packages = loaders.BACKENDS[name]
     try:
-        importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
-            return "not built yet in this version of feedrate"
-        return f"needs the package that provides {exc.name!r} (pip install {packages})"
-    except ImportError as exc:
-        return f"does not import: {exc}"
-    for extra in DEFERRED_IMPORTS.get(name, ()):
-        try:
-            importlib.import_module(extra)
-        except (ImportError, OSError) as exc:
-            return f"{extra} does not import ({type(exc).__name__}: {exc}); pip install {packages}"
-    return None
+        return loaders.unavailable(name, device or "cpu", imports=True)
+    except FeedrateError as exc:
+        return str(exc)
 
 
 def dataset_command(cfg: Config, dest: Path) -> list[str]:
@@ -247,7 +234,7 @@ def main() -> int:
         if not (data / "manifest.json").exists():
             print("would run: " + " ".join(dataset_command(cfg, data)))
         for name in names:
-            reason = probe(name)
+            reason = probe(name, None)
             print(
                 f"{name}: skipped ({reason})"
                 if reason
@@ -267,7 +254,7 @@ def main() -> int:
     deadline = time.monotonic() + cfg.budget_s
     rows = []
     for name in names:
-        reason = probe(name)
+        reason = probe(name, cfg.device)
         if reason:
             row = Row(name, status="skipped", note=reason)
         else:
