@@ -10,8 +10,22 @@ STAMP := $(VENV)/.stamp-runtime
 DEV_STAMP := $(VENV)/.stamp-dev
 PIP_QUIET := -q --disable-pip-version-check
 
-# A running `make s3-up` endpoint is picked up automatically (your own AWS_* settings win).
--include .s3-local/env.mk
+# LOCAL_S3=1: send this make's s3:// and cos:// traffic to the `make s3-up` endpoint on 127.0.0.1, with
+# the rig's placeholder keys (your own keys, session token and profile are not passed on). Without it
+# .s3-local/ changes nothing: a leftover endpoint never captures traffic meant for a real bucket.
+# (s3-up, s3-down and help have no traffic to point: LOCAL_S3 does not apply to them.)
+LOCAL_S3 ?=
+ifeq ($(LOCAL_S3),1)
+ifneq ($(filter-out s3-up s3-down help,$(MAKECMDGOALS)),)
+ifeq ($(wildcard .s3-local/env.mk),)
+$(error LOCAL_S3=1: no local S3 endpoint is running (.s3-local/env.mk is missing); start one: make s3-up)
+endif
+include .s3-local/env.mk
+$(info using the local S3 endpoint $(LOCAL_S3_ENDPOINT) with placeholder credentials (LOCAL_S3=1))
+endif
+else ifneq ($(LOCAL_S3),)
+$(error LOCAL_S3=$(LOCAL_S3): accepted values are 1 (use the make s3-up endpoint) or empty)
+endif
 
 LOADER ?= torchvision
 EPOCHS ?= 1
@@ -37,7 +51,8 @@ help:
 	@echo "make train-cifar [LOADER=torchvision|wds|dali|tensor] [DATA=URL] [EPOCHS=1] [WORKERS=N] [DEVICE=auto]"
 	@echo "make test          the CPU test suite (lint first in CI)"
 	@echo "make shards [DEST=URL] [FORMAT=jpg|png|raw] [SOURCE=auto|synthetic|PATH]"
-	@echo "make s3-up [NET=preset] / s3-down   a local S3 endpoint (moto) on 127.0.0.1, optionally shaped"
+	@echo "make s3-up [NET=preset] / s3-down   a local S3 endpoint (moto) on 127.0.0.1, optionally shaped;"
+	@echo "                    then add LOCAL_S3=1 to a make command to send its s3:// and cos:// there"
 	@echo "make bench / compare [NET=same-region|cross-region|home|all]   loader benchmarks, training comparisons"
 	@echo "make lint / format"
 
@@ -64,7 +79,6 @@ data/shards/manifest.json: | $(STAMP)
 # NPROC > 1: that many processes on this machine through torchrun (DDP; gloo on the CPU, nccl on GPUs).
 NPROC ?= 1
 train-cifar: $(STAMP) $(if $(filter data/shards,$(DATA)),data/shards/manifest.json)
-	@test -f train.py || { echo "train-cifar: train.py is not built yet (issue: train.py)"; exit 2; }
 	$(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC),$(PY)) train.py --loader $(LOADER) --data "$(DATA)" --epochs $(EPOCHS) --workers $(WORKERS) --device $(DEVICE) $(ARGS)
 
 test: $(DEV_STAMP)
@@ -89,10 +103,10 @@ format: $(DEV_STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 s3-up: $(DEV_STAMP)
-	$(PY) -m rig.locals3 up $(if $(NET),--net $(NET))
+	$(PY) -m rig up $(if $(NET),--net $(NET))
 
 s3-down: $(DEV_STAMP)
-	$(PY) -m rig.locals3 down
+	$(PY) -m rig down
 
 bench: $(DEV_STAMP)
 	$(PY) -m bench $(if $(NET),--net $(NET)) $(ARGS)

@@ -1,16 +1,13 @@
-"""A local S3-compatible endpoint (moto's server) on 127.0.0.1, for demos, tests and benchmarks.
+"""A local S3-compatible server (moto's) on 127.0.0.1, for demos, tests and benchmarks.
 
 Both boto3 (`s3://`) and ibm_boto3 (`cos://`, HMAC keys) speak to it over real HTTP. The server runs as
-its own process; `start` returns its pid and endpoint, `stop` ends it by pid. `python -m
-rig.locals3 up|down` is what `make s3-up` / `make s3-down` run: state (pid, endpoint, an env file
-to source) lives in `.s3-local/`. `up --net PRESET` (`make s3-up NET=home`) also starts the shaping
-proxy (rig.netproxy) in front of the server and points the env files at the proxy, so that every
-tool run against it meets that network.
+its own process; `start` returns its pid and endpoint, `stop` ends it by pid. The server with a bucket
+and the shaping proxy in front, as the bench, compare and `make s3-up` use it, is rig.endpoint's; the
+`make s3-up` / `make s3-down` command line is rig/__main__.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -25,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from feedrate.errors import FeedrateError, run_cli
+from feedrate.errors import FeedrateError
 
 HOST = "127.0.0.1"
 _REQUEST_LINE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+"')
@@ -34,8 +31,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # the server colours non-200 lines
 LOCAL_ACCESS_KEY = "feedrate-local"
 LOCAL_SECRET_KEY = "feedrate-local-secret"
 LOCAL_REGION = "us-east-1"
-STATE_DIR = Path(".s3-local")
-DEFAULT_BUCKET = "feedrate"
 
 
 @dataclass(frozen=True)
@@ -158,100 +153,3 @@ def client(endpoint: str) -> Any:
 
 def create_bucket(endpoint: str, bucket: str) -> None:
     client(endpoint).create_bucket(Bucket=bucket)
-
-
-def start_proxy(
-    upstream: str, net: str, log_path: Path | None = None, timeout_s: float = 30.0
-) -> tuple[int, str]:
-    """The shaping proxy for preset `net` in front of `upstream`, as its own process: (pid, endpoint)."""
-    from feedrate.network import preset
-
-    preset(net)  # an unknown name fails here, naming the accepted ones
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rig.netproxy", "--upstream", upstream, "--net", net],
-        stdout=subprocess.PIPE,
-        stderr=log,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,  # outlives `make s3-up`; stopped by pid
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    line = ""
-    while time.monotonic() < deadline and not line:
-        line = proc.stdout.readline().strip()
-        if not line and proc.poll() is not None:
-            raise FeedrateError(f"the shaping proxy exited with code {proc.returncode}")
-    proc.stdout.close()
-    if not line.startswith("endpoint "):
-        stop(proc.pid)
-        raise FeedrateError(f"the shaping proxy did not report its endpoint within {timeout_s:.0f} s")
-    return proc.pid, line.split()[1]
-
-
-def _up(bucket: str, net: str = "") -> None:
-    if net:
-        from feedrate.network import preset
-
-        preset(net)  # before anything starts: an unknown name is a one-line error naming the accepted ones
-    pid_file = STATE_DIR / "pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text())
-        try:
-            os.kill(pid, 0)
-            endpoint = (STATE_DIR / "endpoint").read_text().strip()
-            print(f"local S3 already running (pid {pid}) at {endpoint}")
-            return
-        except ProcessLookupError:
-            pid_file.unlink()
-    STATE_DIR.mkdir(exist_ok=True)
-    server = start(log_path=STATE_DIR / "server.log")
-    pid_file.write_text(f"{server.pid}\n")
-    endpoint, env = server.endpoint, server.env()
-    if net and net != "loopback":
-        try:
-            proxy_pid, endpoint = start_proxy(server.endpoint, net, STATE_DIR / "proxy.log")
-        except BaseException:
-            _down()
-            raise
-        (STATE_DIR / "proxy_pid").write_text(f"{proxy_pid}\n")
-        env = env | {"AWS_ENDPOINT_URL": endpoint, "COS_ENDPOINT": endpoint}
-    (STATE_DIR / "endpoint").write_text(endpoint + "\n")
-    env_lines = [f"export {k}={v}" for k, v in env.items()]
-    (STATE_DIR / "env").write_text("\n".join(env_lines) + "\n")
-    (STATE_DIR / "env.mk").write_text("\n".join(f"{k} ?= {v}\nexport {k}" for k, v in env.items()) + "\n")
-    create_bucket(server.endpoint, bucket)
-    print(f"local S3 (moto) running, pid {server.pid}, endpoint {server.endpoint}, bucket '{bucket}'")
-    if endpoint != server.endpoint:
-        print(f"shaped as '{net}' through the proxy at {endpoint} (the env files point there)")
-    print("make targets pick it up by themselves; in a shell:  source .s3-local/env")
-    print(f"then e.g.  make shards DEST=s3://{bucket}/cifar10   or   DEST=cos://{bucket}/cifar10")
-
-
-def _down() -> None:
-    pid_file = STATE_DIR / "pid"
-    if not pid_file.exists():
-        print("local S3 is not running")
-        return
-    proxy_file = STATE_DIR / "proxy_pid"
-    if proxy_file.exists():
-        stop(int(proxy_file.read_text()))
-    pid = int(pid_file.read_text())
-    stop(pid)
-    for name in ("pid", "proxy_pid", "endpoint", "env", "env.mk"):
-        (STATE_DIR / name).unlink(missing_ok=True)
-    print(f"local S3 stopped (pid {pid})")
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="locals3", description="A local S3 endpoint on 127.0.0.1.")
-    p.add_argument("action", choices=["up", "down"])
-    p.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (default: %(default)s)")
-    p.add_argument("--net", default="", help="a network preset to shape the endpoint as (feedrate.network)")
-    args = p.parse_args(argv)
-    run_cli("s3-local", lambda: _up(args.bucket, args.net) if args.action == "up" else _down())
-
-
-if __name__ == "__main__":
-    main()
