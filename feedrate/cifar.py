@@ -13,6 +13,7 @@ import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,18 +56,69 @@ class CifarData:
     notes: list[str] = field(default_factory=list)
 
 
+# The only globals a CIFAR batch needs: numpy's array and scalar reconstructors (Python 2 pickles - the
+# official release - and numpy 1 name them under numpy.core, numpy 2 under numpy._core), and the codec
+# call by which protocol-2 pickles written by Python 3 carry bytes.
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds dicts, lists, strings, numbers and numpy arrays, and nothing else.
+
+    A pickle can name any importable callable and call it while it loads (`os.system`, `builtins.exec`),
+    so a batch from someone else's bucket or archive is never given to `pickle.load`: every global it
+    names must be one of numpy's reconstructors, or loading stops before anything is called.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("numpy.core."):
+            module = "numpy._core." + module[len("numpy.core.") :]
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name} (a CIFAR batch holds only numpy arrays, lists, dicts, "
+                "strings and numbers)"
+            )
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _BatchUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise SourceError(f"missing batch file {path} (expected {', '.join(BATCH_FILES)})") from None
+    except pickle.UnpicklingError as exc:
+        raise SourceError(f"{path} is not a CIFAR python batch: {exc}") from None
     except Exception as exc:
         raise SourceError(f"{path} is not a CIFAR python batch: {type(exc).__name__}") from None
     if not isinstance(entry, dict):
         raise SourceError(f"{path} is not a CIFAR python batch: holds a {type(entry).__name__}")
     # Batches pickled by Python 2 load with str keys; ones pickled with bytes keys keep them.
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _labels(raw: object, path: Path) -> np.ndarray:
+    """Labels as int64, refusing anything that is not integers already (no float truncation, no bools,
+    no strings: a coerced label would silently become another class)."""
+    if isinstance(raw, np.ndarray):
+        if raw.dtype.kind not in "iu" or raw.ndim != 1:
+            raise SourceError(
+                f"{path}: labels have dtype {raw.dtype} and shape {raw.shape}; expected integers"
+            )
+        return raw.astype(np.int64)
+    if not isinstance(raw, (list, tuple)):
+        raise SourceError(f"{path}: labels are a {type(raw).__name__}; expected a list of integers")
+    bad = next((x for x in raw if type(x) is not int and not isinstance(x, np.integer)), None)
+    if bad is not None:
+        raise SourceError(f"{path}: label {bad!r} is not an integer; expected 0..N-1")
+    return np.asarray(raw, dtype=np.int64)
 
 
 def read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +135,7 @@ def read_batch(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: 'data' has shape {data.shape} and dtype {data.dtype}; "
             f"expected (N, {SAMPLE_BYTES}) uint8"
         )
-    labels = np.asarray(labels_raw, dtype=np.int64)
+    labels = _labels(labels_raw, path)
     if labels.shape != (data.shape[0],):
         raise SourceError(
             f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images"

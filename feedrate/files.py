@@ -22,8 +22,20 @@ _UMASK: int | None = None
 
 
 def umask() -> int:
-    """The process umask, read once (reading it means setting it; done under a lock, once)."""
+    """The process umask, without changing it.
+
+    `os.umask` can only be read by setting it, and a set from one thread while another creates a file
+    gives that file (or, with an unlucky overlap, the whole process from then on) a umask of 0. Linux
+    shows the umask in /proc/self/status; elsewhere it is read once, under a lock, at first use.
+    """
     global _UMASK
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     with _UMASK_LOCK:
         if _UMASK is None:
             mask = os.umask(0o022)

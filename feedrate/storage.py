@@ -46,10 +46,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from feedrate.errors import FeedrateError
-from feedrate.files import atomic_path
+from feedrate.files import atomic_path, inside
 from feedrate.network import MIN_TIMED_BODY
 
 # Bounded network behaviour: an unreachable endpoint fails in seconds, not minutes.
@@ -139,15 +139,29 @@ class Counters:
         }
 
 
-def redact_url(url: str) -> str:
-    """The URL without any user:password part, safe to print."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return url
+# Query parameters that carry a credential or a signature (pre-signed S3 URLs, tokens in endpoints).
+_SECRET_QUERY = re.compile(
+    r"([?&;](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|awsaccesskeyid|"
+    r"x-goog-signature|x-goog-credential|sig|token|access_token|apikey|api_key|password|secret)=)[^&;#\s]*",
+    re.IGNORECASE,
+)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)(.*)@", re.DOTALL)
+
+
+def redact_url(url: object) -> str:
+    """`url` safe to print: any user:password part and credential query values replaced by `***`.
+
+    Works on the text, not on a parse: a secret may hold `/`, `#`, `?` or `@` (AWS secret keys often
+    hold `/`), which a URL parser would take for the path or fragment and leave in place. Everything up
+    to the last `@` after the scheme is treated as user info (over-redacting a path with an `@` is the
+    safe mistake). Never raises, whatever it is given.
+    """
+    try:
+        text = str(url)
+        text = _USERINFO.sub(lambda m: f"{m.group(1)}***@", text, count=1)
+        return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}***", text)
+    except Exception:  # a redactor that raises would print the raw value in its traceback
+        return "<url hidden>"
 
 
 class Store:
@@ -156,7 +170,7 @@ class Store:
     scheme = ""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
+        self.url = redact_url(url.rstrip("/"))  # what messages, manifests and run.json show
         self.counters = Counters()
         # (seconds to first byte, body bytes, seconds reading the body, monotonic time of the first and
         # of the last body byte) of recent remote GETs: what a loader sizes its prefetching by when it
@@ -230,7 +244,14 @@ class LocalStore(Store):
     scheme = "file"
 
     def __init__(self, url: str) -> None:
-        path = url[len("file://") :] if url.startswith("file://") else url
+        path = url
+        if url.startswith("file://"):
+            host, slash, rest = url[len("file://") :].partition("/")
+            if host not in ("", "localhost"):
+                raise StorageError(
+                    f"{redact_url(url)!r} names host {host!r}; expected file:///ABSOLUTE/PATH or a local path"
+                )
+            path = slash + rest
         if not path:
             raise StorageError(f"empty path in {url!r}; expected a directory such as data/shards")
         self.root = Path(path).expanduser()
@@ -241,7 +262,11 @@ class LocalStore(Store):
         return True
 
     def path(self, name: str) -> Path:
-        return self.root / name
+        """The file for `name`, which must stay inside the root (names can come from a manifest)."""
+        try:
+            return inside(self.root, name)
+        except ValueError as exc:
+            raise StorageError(str(exc)) from None
 
     def url_for(self, name: str) -> str:
         return str(self.path(name))
@@ -489,6 +514,30 @@ class _ResumableBody:
         self.close()
 
 
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def _check_range(response: dict[str, Any], start: int, end: int | None, url: str) -> None:
+    """Raise StorageError unless a ranged GET's answer is the range asked for.
+
+    HTTP lets a server ignore `Range` and answer 200 with the whole object; spliced in at a resume
+    offset those bytes would be silently wrong data.
+    """
+    found = _CONTENT_RANGE.fullmatch(str(response.get("ContentRange") or ""))
+    first = int(found.group(1)) if found else None
+    last = int(found.group(2)) if found else None
+    total = found.group(3) if found else None
+    short_at_end = last is not None and total not in (None, "*") and last == int(total) - 1  # end past EOF
+    if found is None or first != start or (end is not None and last != end - 1 and not short_at_end):
+        with contextlib.suppress(Exception):
+            response["Body"].close()
+        wanted = f"bytes {start}-{'' if end is None else end - 1}"
+        raise StorageError(
+            f"{url}: asked for {wanted}, the server answered Content-Range "
+            f"{response.get('ContentRange')!r} (a server or gateway that ignores Range)"
+        )
+
+
 def _describe(exc: BaseException) -> str:
     """A one-line cause for a message: the exception and its root cause (e.g. a connection reset)."""
     root = _root_cause(exc)
@@ -525,6 +574,11 @@ class ObjectStore(Store):
         super().__init__(url)
         self.retry = retry or RetryPolicy.from_env(os.environ)
         parts = urlsplit(url)
+        if parts.query or parts.fragment or "?" in url or "#" in url:
+            raise StorageError(
+                f"{redact_url(url)!r} has a query or fragment ('?' or '#'), which object keys here never "
+                f"carry; expected {self.scheme}://BUCKET[/PREFIX]"
+            )
         self.bucket = parts.netloc
         if not self.bucket:
             raise StorageError(f"no bucket in {url!r}; expected {self.scheme}://BUCKET[/PREFIX]")
@@ -675,7 +729,17 @@ class ObjectStore(Store):
             kwargs["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         if etag:
             kwargs["IfMatch"] = etag  # a resume must read the same object version, or fail
-        return self._call(self.url_for(name), self.client.get_object, **kwargs)
+        url = self.url_for(name)
+        response = self._call(url, self.client.get_object, **kwargs)
+        if "Range" in kwargs:
+            _check_range(response, start, end, url)
+        if etag and response.get("ETag") != etag:
+            with contextlib.suppress(Exception):
+                response["Body"].close()
+            raise StorageError(
+                f"{url}: changed while it was read (ETag {response.get('ETag')!r}, expected {etag!r})"
+            )
+        return response
 
     def _transient_errors(self) -> tuple[type[BaseException], ...]:
         """Exceptions that mean "the connection broke while the body was streaming"."""

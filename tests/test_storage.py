@@ -28,7 +28,7 @@ def test_missing_bucket_name() -> None:
 
 
 def test_redact_url_drops_userinfo() -> None:
-    assert redact_url("http://key:secret@host:9000/p") == "http://host:9000/p"
+    assert redact_url("http://key:secret@host:9000/p") == "http://***@host:9000/p"
     assert redact_url("http://host/p") == "http://host/p"
 
 
