@@ -57,8 +57,10 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = get_args_parser().parse_args(argv)
+    # First: from here on SIGTERM (docker stop, timeout, SLURM) unwinds like Ctrl-C. Before this line
+    # nothing has been written, so the default action (exit) leaves nothing behind either.
     signal.signal(signal.SIGTERM, _terminate)
+    args = get_args_parser().parse_args(argv)
 
     def body() -> None:
         cfg = ShardgenConfig(
