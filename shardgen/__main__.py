@@ -10,6 +10,7 @@ from pathlib import Path
 
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import ENCODINGS, SPLITS
+from feedrate.storage import redact_url
 from shardgen.pack import DEFAULT_SHARD_SIZE, ShardgenConfig, build
 
 
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{split}: {entry.samples} samples in {len(sizes)} shards "
                 f"({min(sizes) / 1e6:.2f}-{max(sizes) / 1e6:.2f} MB each, {sum(sizes) / 1e6:.1f} MB)"
             )
-        print(f"wrote {manifest.kind} dataset ({manifest.encoding}) to {cfg.dest} in {seconds:.1f} s")
+        where = redact_url(cfg.dest)
+        print(f"wrote {manifest.kind} dataset ({manifest.encoding}) to {where} in {seconds:.1f} s")
 
     try:
         run_cli("shardgen", body)
