@@ -26,8 +26,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from torchvision import transforms
 
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
-from loaders.batches import load_split, net_option
+from loaders.batches import load_split
+from loaders.options import BATCH_READER_OPTIONS, parse_options
+from loaders.seeds import epoch_seed
 from loaders.shards import open_dataset
+from loaders.transfer import pins, to_device
 
 
 def cifar_transform(train: bool) -> Callable[[Image.Image], torch.Tensor]:
@@ -73,9 +76,10 @@ class TorchvisionLoader:
 
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
+        self.options = parse_options("torchvision", cfg.options, BATCH_READER_OPTIONS)
         self.device = torch.device(cfg.device)
         self.root = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
-        self._arrays = load_split(self.root, cfg.split, cfg.cache_dir, net_option(cfg.options))
+        self._arrays = load_split(self.root, cfg.split, cfg.cache_dir, self.options.get("net") or None)
         self.prefetch_plan = self._arrays.fetch_plan
         self.downloads: list[Download] = self._arrays.downloads
         images, labels = self._arrays.images, self._arrays.labels
@@ -83,7 +87,7 @@ class TorchvisionLoader:
         # One generator drives both the shuffle and the workers' base seed, so reseeding it in
         # set_epoch makes an epoch's order and augmentation a function of (seed, epoch).
         self._generator = torch.Generator()
-        self._generator.manual_seed(cfg.seed)
+        self._generator.manual_seed(epoch_seed(cfg.seed, 0, cfg.rank))
         self.sampler: torch.utils.data.Sampler | list[int]
         if cfg.world_size > 1 and cfg.train:
             # torch's own distributed recipe: each rank gets ceil(N / world_size) samples of one
@@ -104,7 +108,6 @@ class TorchvisionLoader:
         else:
             self.sampler = SequentialSampler(self.dataset)
         self.samples = len(self.sampler)
-        self._pin = self.device.type == "cuda"
         # Several ranks: workers are started once, not every epoch. A process in a torch.distributed group
         # has C++ threads that enter Python, and CPython before 3.11.10 / 3.12 can deadlock a child forked
         # while such a thread holds its thread-list lock (python/cpython#112275). Seen here: a DataLoader
@@ -115,7 +118,7 @@ class TorchvisionLoader:
             batch_size=cfg.batch_size,
             sampler=self.sampler,
             num_workers=cfg.workers,
-            pin_memory=self._pin,
+            pin_memory=pins(self.device),
             drop_last=False,
             generator=self._generator,
             worker_init_fn=_ignore_stop_signals if cfg.workers else None,
@@ -128,10 +131,7 @@ class TorchvisionLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self._loader:
-            yield (
-                images.to(self.device, non_blocking=self._pin),
-                labels.to(self.device, non_blocking=self._pin),
-            )
+            yield to_device(images, self.device), to_device(labels, self.device)
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffle: the same (seed, epoch) gives the same order.
@@ -141,9 +141,9 @@ class TorchvisionLoader:
         workers (several ranks) are seeded once, at their first epoch: the augmentation then repeats for
         the same seed and sequence of epochs.
         """
-        self._generator.manual_seed(self.cfg.seed * 1_000_003 + epoch)
+        self._generator.manual_seed(epoch_seed(self.cfg.seed, epoch, self.cfg.rank))
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
 
     def stats(self) -> dict[str, int]:
-        return self._arrays.stats(self.root)
+        return self._arrays.stats().as_dict()

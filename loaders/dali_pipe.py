@@ -8,10 +8,11 @@ pipeline's lifetime and epoch bookkeeping, and turns DALI's output dicts into `(
 
 Shards are always read from local disk by DALI's webdataset reader, with shardgen's index files:
 - a local dataset: the files in place;
-- `s3://` / `cos://`: every shard and index file of the split is first copied whole into a cache
-  directory (`cache_dir`, else a temporary one that lives as long as the loader), one GET per file,
-  verified against the manifest's sha256 by the shared `ShardCache`. The fetch is recorded as a
-  `Download` (CSV type 10 / 11). DALI's own `s3://` reading was not used: it issues about three ranged
+- `s3://` / `cos://`: every shard and index file of the split is first copied whole by
+  `loaders.localcopy.LocalFiles` into the dataset's directory of the cache (`cache_dir`, shared with
+  every loader reading the same dataset; else a temporary one that `close()` removes), one GET per file,
+  verified against the manifest's sha256. The fetch is recorded as a `Download` (CSV type 10 / 11).
+  DALI's own `s3://` reading was not used: it issues about three ranged
   GETs per sample (168 img/s against a local endpoint).
 
 Epochs are exact: every sample of this rank's part exactly once, the last batch partial, `len()` the
@@ -46,10 +47,8 @@ an error: DALI's decoders have no per-sample error policy.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -60,20 +59,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from feedrate import network
 from feedrate.errors import FeedrateError
 from loaders.base import Download, LoaderConfig, batches_for
-from loaders.shards import (
-    DatasetRoot,
-    ShardCache,
-    ShardRef,
-    fetch_all,
-    fetch_plan,
-    first_bad_sample,
-    local_path,
-    open_dataset,
-)
+from loaders.localcopy import LocalFiles
+from loaders.options import count, flag, fraction, net_preset, parse_options
+from loaders.seeds import AUGMENT, ORDER, epoch_seed
+from loaders.shards import DatasetRoot, ShardRef, first_bad_sample, open_dataset
 from loaders.stages import SkipLog
+from loaders.transfer import to_device
 
 PACKAGE = "nvidia-dali-cuda120"
 
@@ -84,7 +77,7 @@ class DaliError(FeedrateError):
 
 @dataclass(frozen=True)
 class DaliOptions:
-    """The backend's knobs, validated. Defaults were chosen by measurement (scripts/bench_dali.py)."""
+    """The backend's knobs, validated (see the module docstring for what each does)."""
 
     threads: int = 2
     prefetch: int = 2
@@ -93,32 +86,18 @@ class DaliOptions:
     skip_bad: bool = False
     net: str = ""  # a feedrate.network preset: the link the cache fill plans its concurrency for
 
-    def __post_init__(self) -> None:
-        for name in ("threads", "prefetch", "initial_fill"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FeedrateError(f"dali option {name}={value!r} must be an integer >= 1")
-        if self.net:
-            network.preset(self.net)  # an unknown name fails here, naming the accepted ones
-        load = self.hw_decoder_load
-        if isinstance(load, bool) or not isinstance(load, (int, float)) or not 0.0 <= load <= 1.0:
-            raise FeedrateError(f"dali option hw_decoder_load={self.hw_decoder_load!r} must be in [0, 1]")
-
     @classmethod
     def from_config(cls, options: Mapping[str, Any], workers: int) -> DaliOptions:
         """Options from `LoaderConfig.options`; `threads` defaults to the worker count (else 2)."""
-        accepted = tuple(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise FeedrateError(f"unknown dali option {', '.join(unknown)}; accepted: {', '.join(accepted)}")
-        merged = {"threads": workers or cls.threads} | dict(options)
-        skip = merged.get("skip_bad", False)
-        words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-        if isinstance(skip, str) and skip.lower() in words:
-            merged["skip_bad"] = words[skip.lower()]
-        elif not isinstance(skip, bool):
-            raise FeedrateError(f"dali option skip_bad={skip!r}; accepted: true, false")
-        return cls(**merged)
+        declared = {
+            "threads": count(1),
+            "prefetch": count(1),
+            "initial_fill": count(1),
+            "hw_decoder_load": fraction,
+            "skip_bad": flag,
+            "net": net_preset,
+        }
+        return cls(**({"threads": workers or cls.threads} | parse_options("dali", options, declared)))
 
 
 def import_dali() -> ModuleType:
@@ -187,11 +166,6 @@ def _reason(exc: BaseException) -> str:
     return f"{operator.group(1)}: {reason}" if operator else reason
 
 
-def _seed(*parts: int) -> int:
-    """A DALI seed (31 bits) from integers: the same parts give the same seed everywhere."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0]) >> 1
-
-
 class DaliLoader:
     """A DALI pipeline over a split's shards; yields `(images, labels)` on `cfg.device` (loaders.base)."""
 
@@ -223,19 +197,34 @@ class DaliLoader:
         self.downloads: list[Download] = []
         self._skips = SkipLog("dali") if self.options.skip_bad else None
         self._incomplete = 0  # samples of the split the reader leaves out (no image or no label)
-        self._cache: ShardCache | None = None
-        self._scratch: tempfile.TemporaryDirectory[str] | None = None
-        self._local_bytes = 0
-        self._local_files = 0
-        self.prefetch_plan: dict[str, object] = {"concurrency": 1, "source": "local"}
+        self._epoch = 0
+        self._pipe: Any = None
+        self._iterator: Any = None
+        self._fresh = False  # the current pipeline is at the start of an epoch
+        self._built_for = 0  # the epoch the current pipeline was built for
+        # The shards on local disk: in place, or copied whole into the cache (or a temporary directory,
+        # removed by close() -- and here, if anything below fails or is interrupted).
+        self._files: LocalFiles | None = LocalFiles(self.root, cfg.cache_dir, prefix="feedrate-dali-")
+        try:
+            self._setup(refs, total, device_id)
+        except BaseException:
+            self.close()
+            raise
 
-        start, t0 = time.time(), time.perf_counter()
-        paths, index_paths = self._shard_files(refs)
-        fetched = time.perf_counter() - t0
+    def _setup(self, refs: list[ShardRef], total: int, device_id: int | None) -> None:
+        """Copy the shards when they are remote, and build the first pipeline."""
+        cfg, files = self.cfg, self._files
+        assert files is not None
+        t0 = time.perf_counter()
+        listed = [(r.name, r.bytes, r.sha256) for r in refs] + [
+            (r.index_name, r.index_bytes, r.index_sha256) for r in refs
+        ]
+        paths = files.paths(listed, self.options.net or None)
+        self.prefetch_plan: dict[str, object] = files.plan
         self._spec = self._ops.GraphSpec(
-            paths=tuple(str(p) for p in paths),
-            index_paths=tuple(str(p) for p in index_paths),
-            encoding=manifest.encoding,
+            paths=tuple(str(p) for p in paths[: len(refs)]),
+            index_paths=tuple(str(p) for p in paths[len(refs) :]),
+            encoding=self.root.manifest.encoding,
             train=cfg.train,
             batch_size=cfg.batch_size,
             threads=self.options.threads,
@@ -249,11 +238,6 @@ class DaliLoader:
             hw_decoder_load=float(self.options.hw_decoder_load),
             skip_incomplete=self.options.skip_bad,
         )
-        self._epoch = 0
-        self._pipe: Any = None
-        self._iterator: Any = None
-        self._fresh = False  # the current pipeline is at the start of an epoch
-        self._built_for = 0  # the epoch the current pipeline was built for
         self._build()
         if self.options.skip_bad:
             readable = int(self._pipe.reader_meta(self._ops.READER_NAME)["epoch_size"])
@@ -261,9 +245,10 @@ class DaliLoader:
             self.samples = rank_samples(readable, cfg.rank, cfg.world_size)
             if self.samples < 1:
                 raise FeedrateError(f"rank {cfg.rank} of {cfg.world_size} gets no samples: all were skipped")
-        if self._cache is not None:
+        if files.started is not None:
+            duration = time.perf_counter() - t0
             self.downloads.append(
-                Download(cfg.split, start, fetched, time.perf_counter() - t0, sum(r.samples for r in refs))
+                Download(cfg.split, files.started, files.loading, duration, sum(r.samples for r in refs))
             )
 
     # -- setup ----------------------------------------------------------------------------------------
@@ -276,40 +261,6 @@ class DaliLoader:
             raise FeedrateError(f"device {self.cfg.device!r} was asked for but torch sees no CUDA GPU")
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
-    def _shard_files(self, refs: list[ShardRef]) -> tuple[list[Path], list[Path]]:
-        """Local tar and index paths: in place for a local dataset, else fetched whole into the cache."""
-        if local_path(self.root, refs[0].name) is not None:
-            return [self._local(r.name, r.bytes) for r in refs], [
-                self._local(r.index_name, r.index_bytes) for r in refs
-            ]
-        if self.cfg.cache_dir:
-            # one directory per dataset URL: two datasets with equal shard names never evict each other
-            key = hashlib.sha256(self.root.url.encode()).hexdigest()[:16]
-            cache_dir = Path(self.cfg.cache_dir) / f"dali-{key}"
-        else:
-            self._scratch = tempfile.TemporaryDirectory(prefix="feedrate-dali-")
-            cache_dir = Path(self._scratch.name)
-        cache = self._cache = ShardCache(self.root.store, cache_dir)
-        files = [(r.name, r.bytes, r.sha256) for r in refs] + [
-            (r.index_name, r.index_bytes, r.index_sha256) for r in refs
-        ]
-        self.prefetch_plan = fetch_plan(self.root, [r.bytes for r in refs], self.options.net or None)
-        paths = fetch_all(cache, files, int(self.prefetch_plan["concurrency"]))  # type: ignore[call-overload]
-        return paths[: len(refs)], paths[len(refs) :]
-
-    def _local(self, name: str, size: int) -> Path:
-        path = local_path(self.root, name)
-        assert path is not None  # only called for local datasets
-        try:
-            found = path.stat().st_size
-        except FileNotFoundError:
-            raise FeedrateError(f"{path} is missing; the manifest of {self.root.url} lists it") from None
-        if found != size:
-            raise FeedrateError(f"{path} has {found} bytes; the manifest says {size}")
-        self._local_bytes += size
-        self._local_files += 1
-        return path
-
     def _build(self) -> None:
         """A fresh pipeline at the start of epoch `self._epoch` (the old one, if any, is released)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -317,8 +268,9 @@ class DaliLoader:
         self._iterator = self._pipe = None
         spec = dataclasses.replace(
             self._spec,
-            seed=_seed(self.cfg.seed, self._epoch, self.cfg.rank, 0xDA11),
-            order_seed=_seed(self.cfg.seed, self._epoch, 0x0DE4),
+            # augmentation per rank; the tar order shared by every rank (see the module docstring)
+            seed=epoch_seed(self.cfg.seed, self._epoch, self.cfg.rank, stream=AUGMENT, bits=31),
+            order_seed=epoch_seed(self.cfg.seed, self._epoch, stream=ORDER, bits=31),
         )
         self._built_for = self._epoch
         try:
@@ -395,7 +347,7 @@ class DaliLoader:
                 images, values = images[keep.to(images.device)], values[~bad]
             labels = torch.from_numpy(values)
             if self.device.type == "cuda":
-                labels = labels.pin_memory().to(self.device, non_blocking=True)
+                labels = to_device(labels, self.device)
             return images, labels, read
         return None
 
@@ -423,12 +375,17 @@ class DaliLoader:
         self._epoch = epoch
 
     def stats(self) -> dict[str, int]:
-        counters = self.root.store.counters
-        return {
-            "bytes_read": counters.bytes_read + self._local_bytes,
-            "requests": counters.requests + self._local_files,
-            "retries": int(getattr(counters, "retries", 0)),
-            "cache_hits": self._cache.hits if self._cache else 0,
-            "cache_misses": self._cache.misses if self._cache else 0,
-            "skipped": self._skips.count if self._skips else 0,
-        }
+        return self._files.stats(self._skips.count if self._skips else 0).as_dict()
+
+    def close(self) -> None:
+        """Release the pipeline and remove a temporary copy of the shards (a cache directory stays)."""
+        self._iterator = self._pipe = None
+        self._fresh = False
+        if self._files is not None:
+            self._files.close()
+
+    def __enter__(self) -> DaliLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

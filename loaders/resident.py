@@ -23,8 +23,11 @@ import torch
 
 from loaders.augment import normalize
 from loaders.base import CROP_PADDING, Download, LoaderConfig, batches_for
-from loaders.batches import load_split, net_option
+from loaders.batches import load_split
+from loaders.options import BATCH_READER_OPTIONS, parse_options
+from loaders.seeds import AUGMENT, ORDER, epoch_seed
 from loaders.shards import open_dataset
+from loaders.transfer import to_device
 
 
 class TensorLoader:
@@ -32,14 +35,15 @@ class TensorLoader:
 
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
+        self.options = parse_options("tensor", cfg.options, BATCH_READER_OPTIONS)
         self.device = torch.device(cfg.device)
         self.decode_device = self.device.type
         self.root = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
         t0 = time.perf_counter()
-        arrays = load_split(self.root, cfg.split, cfg.cache_dir, net_option(cfg.options))
+        arrays = load_split(self.root, cfg.split, cfg.cache_dir, self.options.get("net") or None)
         self.prefetch_plan = arrays.fetch_plan
-        images = torch.from_numpy(arrays.images).to(self.device)  # (N, 32, 32, 3) uint8
-        self.labels = torch.from_numpy(arrays.labels).to(self.device)
+        images = to_device(torch.from_numpy(arrays.images), self.device)  # (N, 32, 32, 3) uint8
+        self.labels = to_device(torch.from_numpy(arrays.labels), self.device)
         self._n = len(self.labels)
         pad = CROP_PADDING
         if cfg.train:
@@ -61,7 +65,7 @@ class TensorLoader:
             self.downloads[-1].duration = (self.downloads[-1].duration - self.downloads[-1].loading) + (
                 time.perf_counter() - t0
             )
-        self._stats = arrays.stats(self.root)
+        self._stats = arrays.stats()
         self._epoch = 0
         # Ranks take every world_size-th sample of one shared permutation: disjoint, and together
         # the whole split.
@@ -74,17 +78,19 @@ class TensorLoader:
         self._epoch = epoch
 
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        return self._stats.as_dict()
 
     def _generator(self, stream: int) -> torch.Generator:
+        """The epoch's generator for `stream`; the order is shared by every rank (each takes its part)."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed((self.cfg.seed * 1_000_003 + self._epoch) * 4 + stream)
+        rank = 0 if stream == ORDER else self.cfg.rank
+        gen.manual_seed(epoch_seed(self.cfg.seed, self._epoch, rank, stream=stream))
         return gen
 
     def order(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in iteration order."""
         if self.cfg.train:
-            perm = torch.randperm(self._n, generator=self._generator(0), device=self.device)
+            perm = torch.randperm(self._n, generator=self._generator(ORDER), device=self.device)
         else:
             perm = torch.arange(self._n, device=self.device)
         return perm[self.cfg.rank :: self.cfg.world_size]
@@ -97,7 +103,7 @@ class TensorLoader:
                 idx = order[start : start + bs]
                 yield normalize(self._images[idx], "NHWC"), self.labels[idx]
             return
-        gen = self._generator(1)
+        gen = self._generator(AUGMENT)
         span = 2 * CROP_PADDING + 1
         for start in range(0, len(order), bs):
             idx = order[start : start + bs]

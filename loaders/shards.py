@@ -3,8 +3,11 @@
 - `open_dataset(url)`: the storage root and its manifest, checked once.
 - `ShardRef`: one shard of a split as the manifest describes it (name, samples, bytes, sha256, index).
 - `ShardCache`: whole shards copied from any store into a local directory, atomically, verified by size
-  and sha256 against the manifest; a partial or corrupt cached file is fetched again. Local datasets
-  need no cache: `local_path` answers with the file in place.
+  and sha256 against the manifest; a partial or corrupt cached file is fetched again. One layout for
+  every loader: `cache_dir/<dataset key>/<file name>`, the key derived from the manifest
+  (`dataset_key`), so two datasets sharing a cache directory never overwrite each other's files, and
+  every loader reading one dataset shares one copy. Local datasets need no cache: `local_path` answers
+  with the file in place.
 - `ShardIndex` / `parse_index`: where each sample's members lie inside a shard, from its DALI index file,
   so a loader can slice samples out of one buffer instead of walking tar headers per member.
 - `ShardFetcher`: a shard (or a byte range of one) as one in-memory buffer, in one read: the file in
@@ -30,10 +33,11 @@ import numpy as np
 
 from feedrate import network
 from feedrate.errors import FeedrateError
-from feedrate.files import sha256_of
+from feedrate.files import inside, sha256_of
 from feedrate.manifest import Manifest, load_manifest
 from feedrate.shardformat import ShardError, ShardIndex, TruncatedShard, parse_index
 from feedrate.storage import LocalStore, RetryPolicy, Store, open_store
+from loaders.stats import LoaderStats
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,16 @@ class DatasetRoot:
         return sum(s.samples for s in self.shards(split))
 
 
+def dataset_key(root: DatasetRoot) -> str:
+    """The name of a dataset's directory in a cache: its encoding and a hash of its manifest.
+
+    The same manifest gives the same key wherever it is read from (a DALI run and a wds run, s3:// and
+    cos:// copies of one bucket share a copy); any change to the data changes a shard's sha256 in the
+    manifest, hence the key."""
+    digest = hashlib.sha256(root.manifest.to_json().encode()).hexdigest()[:16]
+    return f"{root.manifest.encoding}-{digest}"
+
+
 def open_dataset(url: str, endpoint_url: str | None = None, retry: RetryPolicy | None = None) -> DatasetRoot:
     """Open the dataset at `url` (a path, file://, s3:// or cos://) and read its manifest."""
     store = open_store(url, endpoint_url=endpoint_url, retry=retry)
@@ -83,21 +97,30 @@ def open_dataset(url: str, endpoint_url: str | None = None, retry: RetryPolicy |
 
 
 class ShardCache:
-    """Whole shards (and their index files) from `store` in a local directory, verified on entry.
+    """Whole files of dataset `root` (shards, index files, CIFAR batches) in `cache_dir/<dataset key>/`,
+    verified on entry.
 
     A file already in the cache counts as a hit only when its size and sha256 match the manifest;
     anything else is fetched again (a miss). Thread-safe: concurrent fetches of one name are serialised.
+    Names come from the manifest (someone's bucket): each one is checked to stay inside the directory.
     """
 
-    def __init__(self, store: Store, cache_dir: str | Path) -> None:
-        self.store = store
-        self.dir = Path(cache_dir)
+    def __init__(self, root: DatasetRoot, cache_dir: str | Path) -> None:
+        self.store = root.store
+        self.dir = Path(cache_dir) / dataset_key(root)
         self.hits = 0
         self.misses = 0
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         # path -> (size, mtime_ns) when its sha256 last matched: a file rewritten since is hashed again
         self._verified: dict[str, tuple[int, int]] = {}
+
+    def path(self, name: str) -> Path:
+        """Where `name` is cached; a name that would land outside the cache is a ShardError."""
+        try:
+            return inside(self.dir, name)
+        except ValueError as exc:
+            raise ShardError(f"{self.store.url_for(name)}: {exc}") from None
 
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
@@ -142,7 +165,7 @@ class ShardCache:
 
         Nothing unverified is ever stored or returned; the file appears under its name atomically.
         """
-        path = self.dir / name
+        path = self.path(name)
         with self._lock(name):
             data = self._read_valid(path, size, sha256)
             if data is not None:
@@ -159,7 +182,7 @@ class ShardCache:
 
     def fetch(self, name: str, size: int, sha256: str) -> Path:
         """The local path of a verified copy of `name`, fetching it when needed."""
-        path = self.dir / name
+        path = self.path(name)
         with self._lock(name):
             if self._valid(path, size, sha256):
                 self.hits += 1
@@ -202,11 +225,16 @@ def fetch_plan(root: DatasetRoot, sizes: Sequence[int], net: str | None = None) 
 
 def fetch_all(cache: ShardCache, files: Sequence[tuple[str, int, str]], concurrency: int) -> list[Path]:
     """Verified local copies of `files` ((name, bytes, sha256) each), `concurrency` GETs at a time, in
-    the order given. The first failure is raised once the fetches under way have ended."""
+    the order given. On the first failure (or an interrupt) the fetches not yet begun are cancelled, and
+    it is raised once those under way have ended, so nothing writes into the cache after it returns."""
     if concurrency <= 1 or len(files) <= 1:
         return [cache.fetch(*f) for f in files]
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch") as pool:
-        return list(pool.map(lambda f: cache.fetch(*f), files))
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="fetch")
+    try:
+        futures = [pool.submit(cache.fetch, *f) for f in files]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def local_path(root: DatasetRoot, name: str) -> Path | None:
@@ -249,7 +277,7 @@ class ShardFetcher:
         self.root = root
         self.verify = verify
         self.local = isinstance(root.store, LocalStore)
-        self.cache = ShardCache(root.store, cache_dir) if cache_dir and not self.local else None
+        self.cache = ShardCache(root, cache_dir) if cache_dir and not self.local else None
 
     def read(self, ref: ShardRef, start: int = 0, end: int | None = None) -> memoryview:
         """Bytes [start, end) of shard `ref` (the whole shard by default)."""
@@ -309,15 +337,11 @@ class ShardFetcher:
         text = data.decode("ascii", errors="replace")
         return parse_index(text, ref.name, self.root.manifest.encoding, lenient=lenient)
 
-    def stats(self) -> dict[str, int]:
-        counters = self.root.store.counters
-        return {
-            "bytes_read": counters.bytes_read,
-            "requests": counters.requests,
-            "retries": counters.retries,
-            "cache_hits": self.cache.hits if self.cache else 0,
-            "cache_misses": self.cache.misses if self.cache else 0,
-        }
+    def stats(self, skipped: int = 0, prefetch_depth: int | None = None) -> LoaderStats:
+        """This process's reads (and `skipped`, `prefetch_depth` from the reader that owns it)."""
+        return LoaderStats.of(
+            self.root.store.counters, self.cache, skipped=skipped, prefetch_depth=prefetch_depth
+        )
 
 
 def first_bad_sample(tar: Path, idx: Path, encoding: str, classes: int) -> str | None:

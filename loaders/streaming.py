@@ -65,7 +65,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,9 +80,13 @@ from feedrate.storage import StorageError, open_store
 from loaders.augment import augment, normalize
 from loaders.base import Download, LoaderConfig, batches_for
 from loaders.decode import DECODERS, decode_choices
+from loaders.options import choice, count, flag, net_preset, parse_options
 from loaders.partition import Unit, rank_units, worker_units
+from loaders.seeds import AUGMENT, ORDER, epoch_seed
 from loaders.shards import DatasetRoot, ShardFetcher, ShardRef, open_dataset
 from loaders.stages import LoadedUnit, SkipLog, decoded, drawn, load_unit, prefetched, transformed
+from loaders.stats import LoaderStats
+from loaders.transfer import pins, to_device
 
 DEFAULT_SHUFFLE_BUFFER = 4096
 DEFAULT_PREFETCH = 1
@@ -107,51 +111,19 @@ class WdsOptions:
 
     @classmethod
     def parse(cls, options: dict[str, Any], encoding: str) -> WdsOptions:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - names)
-        if unknown:
-            raise FeedrateError(f"unknown wds option {unknown[0]!r}; accepted: {', '.join(sorted(names))}")
-        values = dict(options)
-        for name in ("verify", "keys", "skip_bad", "read_ahead"):
-            if name in values:
-                values[name] = _as_bool(name, values[name])
-        if str(values.get("prefetch", "")).lower() == "auto":
-            values["prefetch"] = None
-        if values.get("net"):
-            network.preset(str(values["net"]))  # an unknown name fails here, naming the accepted ones
-        for name in ("shuffle_buffer", "prefetch"):
-            if name in values and values[name] is not None:
-                values[name] = _as_count(name, values[name])
-        opts = cls(**values)
-        if opts.augment_at not in AUGMENT_AT:
-            raise FeedrateError(
-                f"wds option augment_at={opts.augment_at!r}; accepted: {', '.join(AUGMENT_AT)}"
-            )
-        choices = decode_choices(encoding)
-        if opts.decode not in choices:
-            raise FeedrateError(
-                f"wds option decode={opts.decode!r} for {encoding} shards; accepted: {', '.join(choices)}"
-            )
-        return opts
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    """A flag from Python or from a command line ("true", "0", ...)."""
-    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in words:
-        return words[value.lower()]
-    raise FeedrateError(f"wds option {name}={value!r}; accepted: true, false")
-
-
-def _as_count(name: str, value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    accepted = "auto or an integer >= 0" if name == "prefetch" else "an integer >= 0"
-    raise FeedrateError(f"wds option {name}={value!r}; accepted: {accepted}")
+        """Options from `LoaderConfig.options` for shards of `encoding` (which decoders apply)."""
+        declared = {
+            "verify": flag,
+            "shuffle_buffer": count(0),
+            "decode": choice(*decode_choices(encoding), where=f"for {encoding} shards"),
+            "prefetch": count(0, auto=True),
+            "net": net_preset,
+            "keys": flag,
+            "augment_at": choice(*AUGMENT_AT),
+            "skip_bad": flag,
+            "read_ahead": flag,
+        }
+        return cls(**parse_options("wds", options, declared))
 
 
 @dataclass(frozen=True)
@@ -239,9 +211,8 @@ class _ReaderState:
         return self.depth
 
     def stats(self) -> dict[str, int]:
-        return dict(
-            self.fetcher.stats(), skipped=self.skips.count if self.skips else 0, prefetch_depth=self.depth
-        )
+        """This reader's counters, sent with each of its messages (a plain dict crosses processes)."""
+        return self.fetcher.stats(self.skips.count if self.skips else 0, self.depth).as_dict()
 
 
 class ShardStream(IterableDataset):
@@ -303,13 +274,17 @@ class ShardStream(IterableDataset):
             following = worker_units(spec.units, worker, workers, epoch + 1, spec.seed, shuffle=spec.train)
             spill = state.spill_to(epoch + 1, following)
         loaded = prefetched(units, load, state.pool, state.current_depth, ready, spill)
-        rng = np.random.default_rng([spec.seed, epoch, spec.rank, worker]) if spec.train else None
+        rng = (
+            np.random.default_rng(epoch_seed(spec.seed, epoch, spec.rank, worker, ORDER))
+            if spec.train
+            else None
+        )
         buffer = spec.options.shuffle_buffer if spec.train else 0
         batches = decoded(
             drawn(loaded, spec.batch_size, buffer, rng), self.decoder, spec.options.keys, state.skips
         )
         if spec.augment_in_reader:
-            seed = int(np.random.SeedSequence([spec.seed, epoch, spec.rank, worker]).generate_state(1)[0])
+            seed = epoch_seed(spec.seed, epoch, spec.rank, worker, AUGMENT)
             batches = transformed(
                 batches, spec.train, self.decoder.layout, torch.Generator().manual_seed(seed)
             )
@@ -427,6 +402,7 @@ class WdsLoader:
         self._augment_in_reader = at == "reader"
         self._layout = self._stream.decoder.layout
         self._epoch = 0
+        self._rank = rank
         self._reader_stats: dict[int, dict[str, int]] = {}
         self._epoch_skipped = 0  # samples the readers skipped in the epoch being read
         self._loader: DataLoader | None = None
@@ -463,11 +439,11 @@ class WdsLoader:
         self.close()
 
     def stats(self) -> dict[str, int]:
-        total = dict(self._fetcher.stats(), skipped=0)
+        """The index reads made here and every reader's latest counters, summed."""
+        total = self._fetcher.stats(prefetch_depth=0)
         for counters in self._reader_stats.values():
-            for name, value in counters.items():
-                total[name] = total.get(name, 0) + value
-        return total
+            total += LoaderStats(**counters)
+        return total.as_dict()
 
     # -- internals ---------------------------------------------------------------------------------
     def _messages(self) -> Iterator[tuple]:
@@ -480,18 +456,18 @@ class WdsLoader:
                 num_workers=self.cfg.workers,
                 persistent_workers=True,
                 prefetch_factor=4,
-                pin_memory=self.device.type == "cuda",
+                pin_memory=pins(self.device),
             )
         return iter(self._loader)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.cfg.seed * 1_000_003 + self._epoch)
+        generator = torch.Generator(device=self.device)  # augmentation on the device (not in the readers)
+        generator.manual_seed(epoch_seed(self.cfg.seed, self._epoch, self._rank, stream=AUGMENT))
         yielded = 0
         self._epoch_skipped = 0
         for images, labels, keys in self._rebatched(self._messages()):
             yielded += len(labels)
-            yield self._finish(images, labels, generator), labels.to(self.device, non_blocking=True), keys
+            yield self._finish(images, labels, generator), to_device(labels, self.device), keys
         if yielded + self._epoch_skipped != self.samples:
             raise FeedrateError(
                 f"wds loader yielded {yielded} samples in epoch {self._epoch} and skipped "
@@ -523,7 +499,7 @@ class WdsLoader:
             yield _cut(pending, have)[0]
 
     def _finish(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
+        images = to_device(images, self.device)
         if self._augment_in_reader:
             return images
         if self.cfg.train:

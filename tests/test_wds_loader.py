@@ -215,13 +215,15 @@ def test_cache_dir_second_epoch_makes_no_get(bucket: str, s3_env, tmp_path: Path
     with WdsLoader(config(url, workers=2, cache_dir=str(cache))) as loader:
         assert Counter(epoch(loader, 0)[0]) == Counter(all_keys(20))
         assert tar_gets(s3_env, bucket) - before == 2
-        assert sorted(p.name for p in cache.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+        # one directory per dataset (loaders.shards.dataset_key), holding the shards under their names
+        (dataset_dir,) = cache.iterdir()
+        assert sorted(p.name for p in dataset_dir.glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
         assert Counter(epoch(loader, 1)[0]) == Counter(all_keys(20))
         assert tar_gets(s3_env, bucket) - before == 2, "second epoch reads the cache only"
         stats = loader.stats()
         assert stats["cache_misses"] >= 2 and stats["cache_hits"] >= 2
         # a corrupt cached copy is detected and fetched again
-        shard = cache / "train-000001.tar"
+        shard = dataset_dir / "train-000001.tar"
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
