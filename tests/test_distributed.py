@@ -29,6 +29,7 @@ from loaders import LoaderConfig, make_loader
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD
 from training.distributed import Group, Topology, plan_split
 from training.timing import EpochStats, across_ranks, combine, combine_ranks
+from training.trace import TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
@@ -199,7 +200,7 @@ def test_two_processes_split_every_epoch_and_run_equal_steps(
 ) -> None:
     data = make_encoded_dataset("raw", n_train=TRAIN, n_test=TEST, shard_size=100)
     out, trace = tmp_path / "run", tmp_path / "trace"
-    proc = torchrun(*quick_args(data, out, loader, "--epochs", "2"), env={train.TRACE_ENV: str(trace)})
+    proc = torchrun(*quick_args(data, out, loader, "--epochs", "2"), env={TRACE_ENV: str(trace)})
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr
     # rank 0 alone prints and writes

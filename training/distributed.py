@@ -17,6 +17,25 @@ batches any rank has (an all-reduced minimum) and leaves the rest of its part fo
 costs is counted (`dropped`), and so are the repeats some loaders add to even the parts out
 (`padded`: torch's DistributedSampler pads with repeated samples). Validation has no collective per
 batch, so each rank evaluates its whole part and only the counts are summed.
+
+What that means for a train.py run (`make train-cifar NPROC=2`, or by hand):
+
+    torchrun --standalone --nproc_per_node=2 train.py --loader tensor ...
+    torchrun --nnodes=2 --node_rank=K --rdzv_endpoint=HOST:PORT --nproc_per_node=N train.py ...
+
+- DDP over gloo on the CPU, nccl on CUDA (each process takes cuda:LOCAL_RANK: training.device).
+  `--batch-size` is per process; the learning rate scales with the global batch (batch size x
+  processes). `--dist-timeout` bounds the start and every collective.
+- Every loader gives each rank a disjoint part of each split (LoaderConfig.rank / world_size); run.json
+  counts what the equal-steps rule left out (`distributed.splits.train.dropped`) and the repeats a loader
+  added (`padded`). Validation runs with the unwrapped model, after rank 0's BatchNorm statistics are
+  broadcast (`Group.broadcast_buffers`), so every rank evaluates the same model.
+- Accuracy is summed over the ranks (hits and samples), so it is the whole epoch's. Only rank 0 prints
+  and writes the CSV (its own batches' times) and run.json (every rank's epoch times under `ranks`, the
+  job's figures beside them: training.timing.across_ranks). Other ranks print nothing but errors; a
+  set-up error on any rank is reported once, by rank 0 (`Group.setup`).
+- A signal (torchrun forwards Ctrl-C / SIGTERM to every rank) still leaves a complete CSV and a run.json
+  marked interrupted on rank 0: after a signal no rank starts another collective (training.interrupts).
 """
 
 from __future__ import annotations
