@@ -18,77 +18,43 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from bench.cli import Parser, parse_list, parse_nets
 from feedrate import network
 from feedrate.errors import FeedrateError, run_cli
 from loaders import BACKENDS
-from rig import locals3
+from rig.endpoint import LocalEndpoint, local_endpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_SWEEP = (1_000.0, 3_000.0, 10_000.0, 30_000.0, 100_000.0)
 BUCKET = "feedrate-compare"
 
 
-def parse_nets(text: str) -> list[str]:
-    """`all` | comma-separated shaped presets | "" -> the presets to train through."""
-    shaped = [n for n in network.PRESETS if n != "loopback"]
-    if not text:
-        return []
-    if text == "all":
-        return shaped
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in shaped]
-    if bad or not names:
-        raise FeedrateError(
-            f"unknown network preset {', '.join(bad) or '(none)'}; accepted: {', '.join(shaped)}"
-        )
-    return names
-
-
 @contextlib.contextmanager
-def shaped_s3(data: str, out: Path) -> Iterator[tuple[str, dict[str, str], object]]:
-    """The local dataset `data` copied to a local S3 endpoint with a shaping proxy in front:
-    (its s3:// URL, the environment that points the SDKs at the proxy, the proxy)."""
-    from bench.__main__ import upload
-    from rig.netproxy import NetProxy
+def shaped_s3(data: str, out: Path) -> Iterator[tuple[str, LocalEndpoint]]:
+    """The local dataset `data` copied to a local S3 endpoint with a shaping proxy in front (in this
+    process, re-shaped per run): (its s3:// URL, the endpoint)."""
+    from bench.datasets import upload
 
     root = Path(data)
     if not (root / "manifest.json").exists():
         raise FeedrateError(f"--net needs a local dataset to copy to S3; {data} has no manifest.json")
-    server = locals3.start(log_path=out / "moto.log")
-    proxy = None
-    saved = dict(os.environ)
-    try:
-        os.environ.update(server.env())
-        locals3.create_bucket(server.endpoint, BUCKET)
+    with local_endpoint(BUCKET, out, proxy="thread") as local:
         url = f"s3://{BUCKET}/{root.name}"
-        upload(root, url)
-        proxy = NetProxy(server.endpoint, seed=0, record=False).start()
-        env = {
-            **os.environ,
-            **server.env(),
-            "AWS_ENDPOINT_URL": proxy.endpoint,
-            "COS_ENDPOINT": proxy.endpoint,
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        yield url, env, proxy
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        if proxy is not None:
-            proxy.close()
-        locals3.stop(server.pid)
+        with local.direct():  # set-up: straight to the server, unshaped
+            upload(root, url)
+        yield url, local
 
 
-def parse_rates(text: str, cuda: bool) -> list[float | None]:
-    """`auto` | `none` | comma-separated positive rates -> a list where None means the real model."""
+def parse_emulate(text: str) -> list[float | None] | None:
+    """`--emulate`: `auto` -> None (decided by the device: the real model on a GPU, CPU_SWEEP without
+    one), `none` -> [None] (the real model anywhere), comma-separated positive img/s rates -> them."""
     if text == "auto":
-        return [None] if cuda else list(CPU_SWEEP)
+        return None
     if text == "none":
         return [None]
     try:
@@ -97,13 +63,20 @@ def parse_rates(text: str, cuda: bool) -> list[float | None]:
         raise FeedrateError(
             f"--emulate {text!r}: expected auto, none or comma-separated img/s rates"
         ) from None
-    if not rates or any(r <= 0 for r in rates):
-        raise FeedrateError(f"--emulate {text!r}: rates must be positive numbers")
+    if not rates or any(not r > 0 or r == float("inf") for r in rates):
+        raise FeedrateError(f"--emulate {text!r}: rates must be positive, finite numbers of img/s")
     return list(rates)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="compare", description=__doc__)
+def sweep_rates(emulate: list[float | None] | None, cuda: bool) -> list[float | None]:
+    """The rates to run: `parse_emulate`'s choice, `auto` resolved for this machine."""
+    if emulate is not None:
+        return emulate
+    return [None] if cuda else list(CPU_SWEEP)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="compare", description=__doc__)
     p.add_argument("--loaders", default=",".join(BACKENDS), help="comma-separated (default: all)")
     p.add_argument("--data", default="data/shards")
     p.add_argument("--epochs", type=int, default=1)
@@ -116,43 +89,53 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: results/compare/<timestamp>")
     p.add_argument("--train-args", default="", help="extra train.py flags, e.g. '--arch small'")
     p.add_argument("--net", default="", help="also train from S3 through these network presets (or 'all')")
-    args = p.parse_args(argv)
+    return p
 
-    def body() -> None:
-        import torch
 
-        names = [n.strip() for n in args.loaders.split(",") if n.strip()]
-        unknown = [n for n in names if n not in BACKENDS]
-        if unknown or not names:
-            raise FeedrateError(
-                f"unknown loader {', '.join(unknown) or '(none)'}; accepted: {', '.join(BACKENDS)}"
-            )
-        cuda = torch.cuda.is_available() and args.device != "cpu"
-        rates = parse_rates(args.emulate, cuda)
-        nets = parse_nets(args.net)
-        if rates != [None] and args.emulate == "auto":
-            print(
-                "compare: no GPU - sweeping emulated accelerator rates " + ", ".join(f"{r:g}" for r in rates)
-            )
-        out = args.out or REPO / "results" / "compare" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out.mkdir(parents=True, exist_ok=True)
-        failed: list[str] = []
-        with contextlib.ExitStack() as stack:
-            remote = stack.enter_context(shaped_s3(args.data, out)) if nets else None
-            for name in names:
-                for rate in rates:
-                    _run(args, name, rate, None, out, failed, None)
-                    for net in nets:
-                        _run(args, name, rate, net, out, failed, remote)
-        from report.__main__ import build_report
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked before anything runs: `loaders`, `nets` and `rates` (auto: None) become
+    lists; a bad value is a one-line FeedrateError naming it and what is accepted."""
+    args = get_args_parser().parse_args(argv)
+    args.loaders = parse_list(args.loaders, tuple(BACKENDS), "loader")
+    args.nets = parse_nets(args.net)
+    args.rates = parse_emulate(args.emulate)
+    if args.epochs < 1:
+        raise FeedrateError(f"--epochs {args.epochs} must be >= 1")
+    if args.workers < 0:
+        raise FeedrateError(f"--workers {args.workers} must be >= 0")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise FeedrateError(f"--max-batches {args.max_batches} must be >= 1")
+    return args
 
-        files = build_report([out], out)
-        print((out / "summary.md").read_text())
-        if failed:
-            print("compare: these variants did not finish: " + ", ".join(failed), file=sys.stderr)
-        print("compare: wrote " + ", ".join(str(f) for f in files))
 
-    run_cli("compare", body)
+def main(argv: list[str] | None = None) -> None:
+    run_cli("compare", lambda: _compare(parse_args(argv)))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    rates = sweep_rates(args.rates, cuda)
+    if args.rates is None and rates != [None]:
+        print("compare: no GPU - sweeping emulated accelerator rates " + ", ".join(f"{r:g}" for r in rates))
+    out = args.out or REPO / "results" / "compare" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    failed: list[str] = []
+    with contextlib.ExitStack() as stack:
+        remote = stack.enter_context(shaped_s3(args.data, out)) if args.nets else None
+        for name in args.loaders:
+            for rate in rates:
+                _run(args, name, rate, None, out, failed, None)
+                for net in args.nets:
+                    _run(args, name, rate, net, out, failed, remote)
+    from report.__main__ import build_report
+
+    files = build_report([out], out)
+    print((out / "summary.md").read_text())
+    if failed:
+        print("compare: these variants did not finish: " + ", ".join(failed), file=sys.stderr)
+    print("compare: wrote " + ", ".join(str(f) for f in files))
 
 
 def _run(
@@ -162,15 +145,17 @@ def _run(
     net: str | None,
     out: Path,
     failed: list[str],
-    remote: tuple[str, dict[str, str], object] | None,
+    remote: tuple[str, LocalEndpoint] | None,
 ) -> None:
     """One train.py run: local data, or (`net`) the S3 copy through the proxy shaped as `net`."""
     label = name + (f"-{net}" if net else "") + ("" if rate is None else f"-emu{rate:g}")
     run_dir = out / label
     data, env = args.data, None
     if net and remote is not None:
-        data, env, proxy = remote
-        proxy.link = network.preset(net)  # type: ignore[attr-defined]
+        data, local = remote
+        assert local.proxy is not None, "shaped_s3 always puts a proxy in front"
+        local.proxy.link = network.preset(net)
+        env = local.environ()
     cmd = [
         sys.executable,
         str(REPO / "train.py"),

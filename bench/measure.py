@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bench.cpu import cpu_of, endpoint_pids
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 
@@ -72,8 +73,8 @@ def measure(
         next_batch()
     _sync(dev)
     rates, seconds_list, counted = [], [], []
-    endpoint = _endpoint_pids()
-    cpu0, wall0 = _cpu_of(endpoint), time.perf_counter()
+    endpoint = endpoint_pids()  # the emulated endpoint's processes (bench.cpu)
+    cpu0, wall0 = cpu_of(endpoint), time.perf_counter()
     for _ in range(repeats):
         n = 0
         start = time.perf_counter()
@@ -87,7 +88,7 @@ def measure(
         counted.append(n)
     endpoint_share = None
     if endpoint:
-        share = (_cpu_of(endpoint) - cpu0) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
+        share = (cpu_of(endpoint) - cpu0) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
         endpoint_share = round(share, 3)
     del iterator
     middle = sorted(range(repeats), key=lambda i: rates[i])[repeats // 2]
@@ -103,21 +104,6 @@ def measure(
         "prefetch_plan": getattr(loader, "prefetch_plan", None),
         "endpoint_cpu_share": endpoint_share,
     }
-
-
-ENDPOINT_PIDS_ENV = "FEEDRATE_ENDPOINT_PIDS"  # set by the bench: the local S3 server's and the proxy's
-
-
-def _endpoint_pids() -> list[int]:
-    return [int(p) for p in os.environ.get(ENDPOINT_PIDS_ENV, "").split(",") if p.strip().isdigit()]
-
-
-def _cpu_of(pids: list[int]) -> float:
-    """CPU seconds the processes `pids` have used (Linux /proc): the emulated endpoint's, which shares
-    this machine's CPUs with the loader under test."""
-    from bench.__main__ import process_cpu_s
-
-    return sum(process_cpu_s(pid) for pid in pids)
 
 
 def main(argv: list[str] | None = None) -> None:

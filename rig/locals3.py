@@ -139,10 +139,13 @@ def stop(pid: int, timeout_s: float = 10.0) -> None:
 
 def client(endpoint: str) -> Any:
     """A boto3 S3 client for a local endpoint (the server itself or a proxy in front of it), with the
-    placeholder keys moto accepts, whatever the environment says."""
+    placeholder keys moto accepts, whatever the environment says: its session ignores AWS_PROFILE (a
+    caller's profile that this machine lacks must not break the rig, nor one it has sign requests)."""
     import boto3
+    import botocore.session
 
-    return boto3.client(
+    isolated = botocore.session.Session(session_vars={"profile": (None, None, None, None)})
+    return boto3.session.Session(botocore_session=isolated).client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=LOCAL_ACCESS_KEY,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import Variant, plan
+from bench.variants import Variant, plan
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"loader", "storage", "encoding", "workers", "samples", "seconds", "img_per_s", "ratio_to_baseline"}

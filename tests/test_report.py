@@ -172,7 +172,7 @@ def test_remote_runs_through_a_shaped_link_are_set_beside_local_ones(
     """train.py from S3 through the shaping proxy (home preset, named with --net) and from local disk:
     the report pairs them and says how many AU points the network cost."""
     import train
-    from bench.__main__ import upload
+    from bench.datasets import upload
     from feedrate.network import preset
     from rig.netproxy import NetProxy
 
