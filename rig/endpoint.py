@@ -167,8 +167,7 @@ def start_proxy(
         text=True,
         start_new_session=True,  # outlives `make s3-up`; stopped by pid
     )
-    if proc.stdout is None:  # cannot happen with stdout=PIPE; checked for the type checker
-        raise FeedrateError("the shaping proxy started without an output pipe")
+    assert proc.stdout is not None  # stdout=PIPE
     deadline = time.monotonic() + timeout_s
     line = ""
     while time.monotonic() < deadline and not line:
