@@ -71,6 +71,9 @@ class Loader(Protocol):
     samples: int  # samples per epoch (this rank's part)
     downloads: list[Download]  # up-front fetches made when the loader was built
     decode_device: str  # where images are decoded/augmented: "cpu", "cuda", "mixed"
+    # How the loader planned its reads from storage and why: {"source": "local" | "option" | "measured"
+    # | FEEDRATE_NET, ...}, with the link and the depth or concurrency chosen (run.json, the bench)
+    prefetch_plan: dict[str, Any]
 
     def __len__(self) -> int: ...
 
@@ -79,7 +82,13 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
     def stats(self) -> dict[str, int]:
-        """Counters for run.json: bytes_read, requests, retries, cache_hits, cache_misses, skipped."""
+        """Counters for run.json: bytes_read, requests, retries, cache_hits, cache_misses, skipped
+        (loaders.stats.LoaderStats)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the loader holds now rather than at garbage collection: worker processes, a
+        pipeline, a temporary copy of the data. Safe to call twice."""
         ...
 
 

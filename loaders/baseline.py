@@ -147,3 +147,10 @@ class TorchvisionLoader:
 
     def stats(self) -> dict[str, int]:
         return self._arrays.stats().as_dict()
+
+    def close(self) -> None:
+        """Stop persistent workers (several ranks) or a capped epoch's workers now."""
+        iterator = self._loader._iterator  # where torch keeps the workers of a persistent DataLoader
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self._loader._iterator = None

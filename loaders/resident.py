@@ -80,6 +80,10 @@ class TensorLoader:
     def stats(self) -> dict[str, int]:
         return self._stats.as_dict()
 
+    def close(self) -> None:
+        """Free the resident split now (on a GPU, its memory goes back to the caching allocator)."""
+        self._images = self._canvas = self._windows = None  # type: ignore[assignment]
+
     def _generator(self, stream: int) -> torch.Generator:
         """The epoch's generator for `stream`; the order is shared by every rank (each takes its part)."""
         gen = torch.Generator(device=self.device)

@@ -120,7 +120,7 @@ class ShardCache:
         try:
             return inside(self.dir, name)
         except ValueError as exc:
-            raise ShardError(f"{self.store.url_for(name)}: {exc}") from None
+            raise ShardError(f"the manifest of {self.store.url} names a file {exc}") from None
 
     def _lock(self, name: str) -> threading.Lock:
         with self._guard:
