@@ -436,7 +436,7 @@ class Answer(Fault):
         exchange.read_body()  # the client sends it whole before it reads an answer
         body = (
             f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{self.code}</Code>'
-            f"<Message>injected by faultproxy</Message></Error>"
+            f"<Message>injected by netproxy</Message></Error>"
         ).encode()
         return exchange.reply(self.status, self.reason, body)
 
@@ -700,9 +700,6 @@ class NetProxy:
                     fault.hits += 1
                     return fault
         return None
-
-
-FaultProxy = NetProxy  # the name the fault-injection tests know it by
 
 
 # -- the command line --------------------------------------------------------------------------------

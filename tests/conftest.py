@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-compatible server process on loopback and small datasets.
+"""Shared fixtures: a real S3-compatible server process on loopback, the fault/shaping proxy in front of
+it, and small datasets. Plain helpers the test modules share are in tests/helpers.py.
 
 The S3 endpoint is moto's server started as a separate process on a free 127.0.0.1 port (not the
 in-process mock), so boto3 and ibm_boto3 talk real HTTP to it; it is stopped by its pid.
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from rig import locals3
+from rig.netproxy import NetProxy
+from tests.helpers import TALLY_KEY, FaultTally
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,6 +56,19 @@ def bucket(s3_env: locals3.LocalS3) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     locals3.create_bucket(s3_env.endpoint, name)
     return name
+
+
+@pytest.fixture
+def proxy(s3_env: locals3.LocalS3) -> Iterator[NetProxy]:
+    """The proxy (rig.netproxy: unshaped, no faults until a test adds them) in front of the local server."""
+    with NetProxy(s3_env.endpoint) as p:
+        yield p
+
+
+@pytest.fixture
+def tally(request: pytest.FixtureRequest) -> FaultTally:
+    """The session's faults table, which fault-injection tests add their outcomes to."""
+    return request.config.stash.setdefault(TALLY_KEY, FaultTally())
 
 
 @pytest.fixture(scope="session")
@@ -156,8 +172,6 @@ def make_encoded_dataset(tmp_path_factory: pytest.TempPathFactory):
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """The faults table of tests/test_faults.py (faults injected, survived, failed cleanly, samples lost),
     printed whenever fault-injection tests ran, with or without output capture."""
-    from tests.faultproxy import TALLY_KEY
-
     tally = config.stash.get(TALLY_KEY, None)
     if tally is None or not tally.outcomes:
         return

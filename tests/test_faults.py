@@ -1,4 +1,4 @@
-"""Fault injection across the data path: a loopback proxy (tests/faultproxy.py) between the SDKs and the
+"""Fault injection across the data path: a loopback proxy (rig/netproxy.py) between the SDKs and the
 real moto server process resets connections mid-body, answers 503 SlowDown, stalls past the client's read
 timeout and truncates bodies, for each part of the path that talks to an object store:
 
@@ -20,7 +20,7 @@ import importlib.util
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,19 +34,9 @@ from feedrate.storage import READ_TIMEOUT_ENV, StorageError, open_store
 from loaders import LoaderConfig, make_loader
 from loaders.streaming import WdsLoader
 from rig import locals3
+from rig.netproxy import Answer, CutRequest, Fault, NetProxy, Reset, Stall, Truncate
 from shardgen import ShardgenConfig, build
-from tests.faultproxy import (
-    TALLY_KEY,
-    Answer,
-    CutRequest,
-    Fault,
-    FaultProxy,
-    FaultTally,
-    Outcome,
-    Reset,
-    Stall,
-    Truncate,
-)
+from tests.helpers import FaultTally, Outcome
 
 N_TRAIN, N_TEST, SHARD = 300, 100, 100  # encoded png: 3 train shards of ~200 KB, batches of ~180 KB
 CUT = 64 * 1024  # bytes relayed before a body is cut or stalls
@@ -54,17 +44,6 @@ STALL_TIMEOUT_S = "1"  # the client's read timeout in stall tests: a stall costs
 BUDGET_S = 60  # generous: proves "bounded", never a timing claim
 FAULTS = ("reset", "503", "stall", "truncated")
 needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs DALI")
-
-
-@pytest.fixture
-def tally(request: pytest.FixtureRequest) -> FaultTally:
-    return request.config.stash.setdefault(TALLY_KEY, FaultTally())
-
-
-@pytest.fixture
-def proxy(s3_env: locals3.LocalS3) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_env.endpoint) as p:
-        yield p
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +104,7 @@ class Run:
 
 
 def survive(
-    tally: FaultTally, path: str, fault: Fault, proxy: FaultProxy, expected: set[int], run: Callable[[], Run]
+    tally: FaultTally, path: str, fault: Fault, proxy: NetProxy, expected: set[int], run: Callable[[], Run]
 ) -> Run:
     """Run `run` with `fault` injected once; it must deliver every sample exactly once and count a retry."""
     proxy.add(fault)
@@ -146,7 +125,7 @@ def survive(
 
 
 def fail_cleanly(
-    tally: FaultTally, path: str, fault: Fault, proxy: FaultProxy, url: str, run: Callable[[], object]
+    tally: FaultTally, path: str, fault: Fault, proxy: NetProxy, url: str, run: Callable[[], object]
 ) -> str:
     """Run `run` with `fault` injected on every attempt: it must fail in bounded time with a
     StorageError naming `url` (and no secret). Returns the message."""
@@ -170,7 +149,7 @@ def fail_cleanly(
 
 
 # -- loaders -----------------------------------------------------------------------------------------------
-def loader_cfg(remote: str, proxy: FaultProxy, cache: Path | None, **kw: object) -> LoaderConfig:
+def loader_cfg(remote: str, proxy: NetProxy, cache: Path | None, **kw: object) -> LoaderConfig:
     settings: dict = {"split": "train", "batch_size": 64, "train": True, "workers": 0} | kw
     cache_dir = None if cache is None else str(cache)
     return LoaderConfig(data=remote, endpoint_url=proxy.endpoint, cache_dir=cache_dir, **settings)
@@ -217,7 +196,7 @@ PATHS = {
 @pytest.mark.parametrize("kind", FAULTS)
 @pytest.mark.parametrize("name", ["torchvision", "tensor"])
 def test_batch_download_survives(
-    name: str, kind: str, remote: str, proxy: FaultProxy, tally: FaultTally, tmp_path: Path, monkeypatch
+    name: str, kind: str, remote: str, proxy: NetProxy, tally: FaultTally, tmp_path: Path, monkeypatch
 ) -> None:
     if kind == "stall":
         monkeypatch.setenv(READ_TIMEOUT_ENV, STALL_TIMEOUT_S)
@@ -228,7 +207,7 @@ def test_batch_download_survives(
 
 @pytest.mark.parametrize("kind", FAULTS)
 def test_wds_loader_survives(
-    kind: str, remote: str, proxy: FaultProxy, tally: FaultTally, tmp_path: Path, monkeypatch
+    kind: str, remote: str, proxy: NetProxy, tally: FaultTally, tmp_path: Path, monkeypatch
 ) -> None:
     if kind == "stall":
         monkeypatch.setenv(READ_TIMEOUT_ENV, STALL_TIMEOUT_S)
@@ -239,9 +218,7 @@ def test_wds_loader_survives(
     survive(tally, PATHS["wds"], fault, proxy, TRAIN_IDS, lambda: wds_epoch(cfg))
 
 
-def test_wds_loader_survives_on_cos(
-    remote: str, proxy: FaultProxy, tally: FaultTally, tmp_path: Path
-) -> None:
+def test_wds_loader_survives_on_cos(remote: str, proxy: NetProxy, tally: FaultTally, tmp_path: Path) -> None:
     fault = download_fault("reset", "/ds/train-000002.tar")
     cos = remote.replace("s3://", "cos://")
     cfg = loader_cfg(cos, proxy, None, options={"keys": True})
@@ -251,7 +228,7 @@ def test_wds_loader_survives_on_cos(
 @needs_dali
 @pytest.mark.parametrize("kind", FAULTS)
 def test_dali_remote_path_survives(
-    kind: str, remote: str, proxy: FaultProxy, tally: FaultTally, tmp_path: Path, monkeypatch
+    kind: str, remote: str, proxy: NetProxy, tally: FaultTally, tmp_path: Path, monkeypatch
 ) -> None:
     if kind == "stall":
         monkeypatch.setenv(READ_TIMEOUT_ENV, STALL_TIMEOUT_S)
@@ -279,7 +256,7 @@ def partial_files(cache: Path) -> list[str]:
     ("name", "kind"), [("torchvision", "reset"), ("tensor", "503"), ("wds", "truncated"), ("dali", "stall")]
 )
 def test_a_fault_that_never_stops_fails_cleanly(
-    name: str, kind: str, remote: str, proxy: FaultProxy, tally: FaultTally, tmp_path: Path, monkeypatch
+    name: str, kind: str, remote: str, proxy: NetProxy, tally: FaultTally, tmp_path: Path, monkeypatch
 ) -> None:
     if name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
         pytest.skip("needs DALI")
@@ -329,7 +306,7 @@ def test_shardgen_upload_survives(
     kind: str,
     scheme: str,
     bucket: str,
-    proxy: FaultProxy,
+    proxy: NetProxy,
     tally: FaultTally,
     make_encoded_dataset,
     monkeypatch,
@@ -365,7 +342,7 @@ def test_shardgen_upload_survives(
 
 @pytest.mark.parametrize("scheme", ["s3", "cos"])
 def test_shardgen_upload_that_never_succeeds_fails_cleanly(
-    scheme: str, bucket: str, proxy: FaultProxy, tally: FaultTally, encoded_root: Path
+    scheme: str, bucket: str, proxy: NetProxy, tally: FaultTally, encoded_root: Path
 ) -> None:
     url = f"{scheme}://{bucket}/ds"
     fault = upload_fault("503", "/ds/train-000001.tar", times=None)

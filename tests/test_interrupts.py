@@ -3,7 +3,7 @@ no multipart upload left open on the server (an open one is invisible in listing
 lifecycle rule removes it).
 
 The interrupt must land while a multipart upload is in flight, so the test makes one wait: the proxy
-holds the answer to one part upload (tests/faultproxy.py `Stall`), the test sees the upload open on the
+holds the answer to one part upload (rig/netproxy.py `Stall`), the test sees the upload open on the
 server, and only then sends the signal.
 """
 
@@ -22,7 +22,7 @@ import pytest
 from feedrate.manifest import MANIFEST_NAME
 from feedrate.storage import MULTIPART_THRESHOLD, READ_TIMEOUT_ENV, open_store
 from rig import locals3
-from tests.faultproxy import FaultProxy, Stall
+from rig.netproxy import NetProxy, Stall
 
 REPO = Path(__file__).resolve().parents[1]
 # One raw shard of 4,000 samples is 18.4 MB: above the 16 MiB multipart threshold, three 8 MiB parts.
@@ -43,7 +43,7 @@ def test_an_interrupted_multipart_upload_is_aborted(
     staging = tmp_path / "tmp"
     staging.mkdir()
     url = f"{scheme}://{bucket}/ds"
-    with FaultProxy(s3_env.endpoint) as proxy:
+    with NetProxy(s3_env.endpoint) as proxy:
         proxy.add(Stall(method="PUT", path_contains="partNumber=2", seconds=60))
         cmd = [sys.executable, "-m", "shardgen", "--dest", url, "--source", "synthetic", "--format", "raw"]
         cmd += ["--synthetic-train", str(SAMPLES), "--synthetic-test", "10", "--shard-size", str(SAMPLES)]

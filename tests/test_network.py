@@ -10,13 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_wds_loader import all_keys, build_coded, config, epoch
 
 from feedrate import network
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 from loaders.streaming import WdsLoader
 from rig.netproxy import NetProxy
+from tests.helpers import all_keys, build_coded, config, epoch
 
 MB = network.MB
 JPG_SHARD = 10_200_000  # a 2,500-sample jpg shard of synthetic CIFAR (README, shard sizes)

@@ -29,7 +29,7 @@ import pytest
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 from rig import locals3
-from tests.faultproxy import FaultProxy, Truncate
+from rig.netproxy import NetProxy, Truncate
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_KEYS = {"aws_access_key_id": "test", "aws_secret_access_key": "test", "region_name": "us-east-1"}
@@ -206,7 +206,7 @@ def test_failures_name_no_secret(
     failing(
         lambda: make_loader("torchvision", LoaderConfig(data=published["s3"], endpoint_url=closed, **cfg))
     )
-    with FaultProxy(s3_env.endpoint) as proxy:
+    with NetProxy(s3_env.endpoint) as proxy:
         proxy.add(Truncate(path_contains="/ds-s3/", after_bytes=100, times=None))
         failing(
             lambda: make_loader(

@@ -1,11 +1,11 @@
-"""Reads that survive a flaky network: faults injected by tests/faultproxy.py between the SDK and the
-real moto server process."""
+"""Reads that survive a flaky network: faults injected by the proxy (rig/netproxy.py) between the SDK and
+the real moto server process."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,18 +13,12 @@ import pytest
 
 from feedrate.storage import RetryPolicy, StorageError, open_store
 from loaders.streaming import WdsLoader
-from tests.faultproxy import Answer, CutBody, Exchange, FaultProxy
-from tests.test_wds_loader import all_keys, build_coded, config, epoch
+from rig.netproxy import Answer, CutBody, Exchange, NetProxy
+from tests.helpers import all_keys, build_coded, config, epoch
 
 FAST = RetryPolicy(resumes=3, base_delay_s=0.01, max_delay_s=0.05)
 PAYLOAD = os.urandom(700_000)
 CUT = 150_000  # bytes relayed before a cut; a closed (not reset) connection delivers all of them
-
-
-@pytest.fixture
-def proxy(s3_env) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_env.endpoint) as p:
-        yield p
 
 
 def first_byte(range_header: str | None) -> int:
@@ -32,7 +26,7 @@ def first_byte(range_header: str | None) -> int:
 
 
 @pytest.mark.parametrize("scheme", ["s3", "cos"])
-def test_cut_body_resumes_from_the_byte_reached(scheme: str, bucket: str, proxy: FaultProxy) -> None:
+def test_cut_body_resumes_from_the_byte_reached(scheme: str, bucket: str, proxy: NetProxy) -> None:
     open_store(f"{scheme}://{bucket}").write_bytes("x.bin", PAYLOAD)
     proxy.add(CutBody(path_contains="x.bin", after_bytes=CUT, times=2))
     store = open_store(f"{scheme}://{bucket}", endpoint_url=proxy.endpoint, retry=FAST)
@@ -44,7 +38,7 @@ def test_cut_body_resumes_from_the_byte_reached(scheme: str, bucket: str, proxy:
     assert store.counters.retries == 2 and store.counters.bytes_read == len(PAYLOAD)
 
 
-def test_ranged_read_resumes_within_its_range(bucket: str, proxy: FaultProxy) -> None:
+def test_ranged_read_resumes_within_its_range(bucket: str, proxy: NetProxy) -> None:
     open_store(f"s3://{bucket}").write_bytes("x.bin", PAYLOAD)
     proxy.add(CutBody(path_contains="x.bin", after_bytes=CUT))
     store = open_store(f"s3://{bucket}", endpoint_url=proxy.endpoint, retry=FAST)
@@ -57,7 +51,7 @@ def test_ranged_read_resumes_within_its_range(bucket: str, proxy: FaultProxy) ->
     ]
 
 
-def test_503_is_retried_and_counted(bucket: str, proxy: FaultProxy) -> None:
+def test_503_is_retried_and_counted(bucket: str, proxy: NetProxy) -> None:
     open_store(f"s3://{bucket}").write_bytes("x.bin", PAYLOAD)
     proxy.add(Answer(path_contains="x.bin", status=503))
     store = open_store(f"s3://{bucket}", endpoint_url=proxy.endpoint, retry=FAST)
@@ -66,7 +60,7 @@ def test_503_is_retried_and_counted(bucket: str, proxy: FaultProxy) -> None:
     assert store.counters.retries == 1
 
 
-def test_past_the_budget_an_error_names_the_url_and_the_cause(bucket: str, proxy: FaultProxy) -> None:
+def test_past_the_budget_an_error_names_the_url_and_the_cause(bucket: str, proxy: NetProxy) -> None:
     open_store(f"s3://{bucket}").write_bytes("x.bin", PAYLOAD)
     proxy.add(CutBody(path_contains="x.bin", after_bytes=1000, times=None))
     store = open_store(f"s3://{bucket}", endpoint_url=proxy.endpoint, retry=FAST)
@@ -91,7 +85,7 @@ class ReplaceThenCut(CutBody):
         return keep
 
 
-def test_a_resume_never_mixes_object_versions(bucket: str, proxy: FaultProxy) -> None:
+def test_a_resume_never_mixes_object_versions(bucket: str, proxy: NetProxy) -> None:
     direct = open_store(f"s3://{bucket}")
     direct.write_bytes("x.bin", PAYLOAD)
     replace = lambda: direct.write_bytes("x.bin", b"new" * 1000)  # noqa: E731
@@ -102,7 +96,7 @@ def test_a_resume_never_mixes_object_versions(bucket: str, proxy: FaultProxy) ->
 
 
 def test_an_epoch_through_cuts_and_503s_yields_every_sample_once(
-    bucket: str, proxy: FaultProxy, tmp_path: Path
+    bucket: str, proxy: NetProxy, tmp_path: Path
 ) -> None:
     url = f"s3://{bucket}/ds"
     build_coded(tmp_path / "ds", "raw", shard_size=100, train=300, test=5, url=url)  # shards of ~460 KB

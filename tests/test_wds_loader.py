@@ -10,43 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from feedrate.cifar import CLASS_NAMES, write_batch_dir
 from feedrate.errors import FeedrateError
 from feedrate.shardformat import ShardError, parse_index
-from loaders import CIFAR10_MEAN, CIFAR10_STD, LoaderConfig, make_loader
+from loaders import CIFAR10_MEAN, CIFAR10_STD, make_loader
 from loaders.decode import parse_labels
 from loaders.partition import Unit, rank_units, split_units, worker_units
 from loaders.shards import open_dataset
 from loaders.streaming import WdsLoader
-from shardgen import ShardgenConfig, build
-
-TRAIN, TEST = 25, 7  # samples: small enough to build fast, odd so batches and shards end partial
-
-
-def coded_images(n: int, labels: np.ndarray) -> np.ndarray:
-    """Images whose pixels say what they are: channel 0 = 20*label + 10, channels 1-2 = the index."""
-    images = np.empty((n, 32, 32, 3), dtype=np.uint8)
-    idx = np.arange(n)
-    images[..., 0] = (20 * labels + 10)[:, None, None]
-    images[..., 1] = (idx % 256)[:, None, None]
-    images[..., 2] = (idx // 256 + 100)[:, None, None]
-    return images
-
-
-def build_coded(
-    dest: Path, fmt: str, shard_size: int, train: int = TRAIN, test: int = TEST, url: str | None = None
-) -> Path:
-    """A lossless dataset (raw or png) of coded images, written by shardgen from CIFAR batches, at
-    `dest` or at `url` (then `dest` only holds the source batches)."""
-    rng = np.random.default_rng(7)
-    splits = {}
-    for name, n in (("train", train), ("test", test)):
-        labels = rng.integers(0, 10, n)
-        splits[name] = (coded_images(n, labels), labels)
-    source = dest.parent / f"{dest.name}-src" / "cifar-10-batches-py"
-    write_batch_dir(source, splits, CLASS_NAMES, "coded")
-    build(ShardgenConfig(dest=url or str(dest), source=str(source), fmt=fmt, shard_size=shard_size))
-    return dest
+from tests.helpers import TRAIN, all_keys, build_coded, config, epoch
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +25,6 @@ def coded(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Raw datasets of 25 training samples in 1, 2 and 5 shards."""
     root = tmp_path_factory.mktemp("coded")
     return {shards: build_coded(root / f"raw-{shards}", "raw", -(-TRAIN // shards)) for shards in (1, 2, 5)}
-
-
-def config(data: str | Path, **kw: object) -> LoaderConfig:
-    base: dict = {"split": "train", "batch_size": 4, "train": True, "options": {"keys": True}}
-    base.update(kw)
-    return LoaderConfig(data=str(data), **base)
-
-
-def epoch(loader: WdsLoader, e: int = 0) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-    loader.set_epoch(e)
-    keys, images, labels = [], [], []
-    for x, y, k in loader.iter_keyed():
-        keys += k
-        images.append(x)
-        labels.append(y)
-    return keys, images, labels
-
-
-def all_keys(n: int = TRAIN, split: str = "train") -> set[str]:
-    return {f"{split}_{i:06d}" for i in range(n)}
 
 
 # -- exactly once ------------------------------------------------------------------------------------
