@@ -1,5 +1,6 @@
-"""Helpers the test modules share (fixtures are in conftest.py): datasets whose pixels say which sample
-they are, and the faults table of the fault-injection runs (`make test-faults`, printed by conftest.py).
+"""Helpers the test modules share (fixtures are in conftest.py): the DALI skip mark, datasets whose pixels
+say which sample they are, and the faults table of the fault-injection runs (`make test-faults`, printed
+by conftest.py).
 
 Imported as `tests.helpers` everywhere, so that one module object (and one pytest stash key) exists.
 """
@@ -14,9 +15,18 @@ import pytest
 import torch
 
 from feedrate.cifar import CLASS_NAMES, write_batch_dir
-from loaders import LoaderConfig
+from loaders import LoaderConfig, unavailable
 from loaders.streaming import WdsLoader
 from shardgen import ShardgenConfig, build
+
+# -- optional backends -----------------------------------------------------------------------------
+# The loaders' own probe (packages found, nothing imported: cheap at collection), so that the tests skip
+# exactly when `make bench` and the GPU check would, and say the same reason.
+DALI_UNAVAILABLE = unavailable("dali", "cpu")
+needs_dali = pytest.mark.skipif(
+    DALI_UNAVAILABLE is not None, reason=f"DALI cannot run here: {DALI_UNAVAILABLE}"
+)
+
 
 # -- coded datasets ---------------------------------------------------------------------------------
 TRAIN, TEST = 25, 7  # samples: small enough to build fast, odd so batches and shards end partial

@@ -13,7 +13,6 @@ in line with the edit, so each test breaks exactly one thing.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import shutil
@@ -30,6 +29,7 @@ from feedrate.manifest import MANIFEST_NAME
 from feedrate.shardformat import ShardError, parse_index, write_index
 from loaders import LoaderConfig, make_loader
 from loaders.streaming import WdsLoader
+from tests.helpers import needs_dali
 
 N_TRAIN, SHARD = 40, 10
 Members = list[tuple[str, bytes]]
@@ -232,7 +232,6 @@ def test_skip_bad_through_the_factory_from_a_command_line_string(root: Path) -> 
 
 
 # -- the DALI loader: what its reader can skip, and naming what it cannot ---------------------------------
-needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs DALI")
 
 
 def dali_epoch(root: Path, skip: bool, e: int = 0) -> tuple[list[int], int]:

@@ -9,7 +9,6 @@ dropped), and the WebDataset loader, which deals whole shards to ranks, leaves 5
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -27,12 +26,12 @@ import train
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD
+from tests.helpers import needs_dali
 from training.distributed import Group, Topology, plan_split
 from training.timing import EpochStats, across_ranks, combine, combine_ranks
 from training.trace import TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
-DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 TRAIN, TEST, BATCH = 301, 101, 50
 
 
@@ -142,7 +141,7 @@ def test_the_torchvision_loader_pads_training_parts_and_never_validation_parts(m
     assert sorted(seen["test"][0] + seen["test"][1]) == list(range(10_000, 10_000 + TEST))
 
 
-@pytest.mark.skipif(not DALI, reason="DALI does not import here")
+@needs_dali
 def test_dali_ranks_stay_disjoint_when_one_abandons_an_epoch(make_encoded_dataset) -> None:
     """train.py stops every rank at the shortest rank's batch count, so the rank with one batch more
     abandons its epoch; the next epoch must still split one order among the ranks."""
@@ -189,7 +188,7 @@ def read_trace(prefix: Path) -> list[dict]:
 LOADERS = [
     "torchvision",
     "tensor",
-    pytest.param("dali", marks=pytest.mark.skipif(not DALI, reason="DALI does not import here")),
+    pytest.param("dali", marks=needs_dali),
     "wds",
 ]
 

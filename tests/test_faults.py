@@ -36,14 +36,13 @@ from loaders.streaming import WdsLoader
 from rig import locals3
 from rig.netproxy import Answer, CutRequest, Fault, NetProxy, Reset, Stall, Truncate
 from shardgen import ShardgenConfig, build
-from tests.helpers import FaultTally, Outcome
+from tests.helpers import FaultTally, Outcome, needs_dali
 
 N_TRAIN, N_TEST, SHARD = 300, 100, 100  # encoded png: 3 train shards of ~200 KB, batches of ~180 KB
 CUT = 64 * 1024  # bytes relayed before a body is cut or stalls
 STALL_TIMEOUT_S = "1"  # the client's read timeout in stall tests: a stall costs a second, not a minute
 BUDGET_S = 60  # generous: proves "bounded", never a timing claim
 FAULTS = ("reset", "503", "stall", "truncated")
-needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="needs DALI")
 
 
 @pytest.fixture(scope="module")
