@@ -279,3 +279,143 @@ def test_an_existing_output_directory_needs_overwrite(tiny_dataset: Path, tmp_pa
         == f"train.py: error: --out {out} already exists; pass --overwrite or choose another directory\n"
     )
     assert (out / "train.csv").read_text() == "earlier results\n"
+
+
+# -- the set-up's parts (training.output, training.data, training.device, training.runinfo) -------------
+def test_output_dir_checks_and_never_creates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from feedrate.errors import FeedrateError
+    from training.output import open_output, output_dir
+
+    monkeypatch.chdir(tmp_path)
+    fresh = output_dir(None, "tensor")
+    assert fresh.parent == Path("results/runs") and re.fullmatch(r"\d{8}-\d{6}-tensor", fresh.name)
+    assert not fresh.exists(), "chosen, not created"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FeedrateError, match="exists and is not a directory"):
+        output_dir(tmp_path / "file", "tensor")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "train.csv").write_text("earlier\n")
+    with pytest.raises(FeedrateError, match="already exists; pass --overwrite"):
+        output_dir(taken, "tensor")
+    assert output_dir(taken, "tensor", overwrite=True) == taken
+    (taken / "notes.txt").write_text("mine\n")
+    open_output(taken)
+    assert sorted(os.listdir(taken)) == ["notes.txt"], "a run's own files are cleared, nothing else"
+    open_output(None)  # a rank other than 0: nothing to do
+
+
+def test_a_fresh_output_dir_never_reuses_a_taken_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datetime as dt
+
+    from training import output
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> Frozen:  # type: ignore[override]
+            return cls(2024, 5, 6, 7, 8, 9)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(output.dt, "datetime", Frozen)
+    first = output.output_dir(None, "wds")
+    assert first == Path("results/runs/20240506-070809-wds")
+    first.mkdir(parents=True)
+    second = output.output_dir(None, "wds")
+    assert second == Path("results/runs/20240506-070809-wds-2")
+    second.mkdir()
+    assert output.output_dir(None, "wds").name == "20240506-070809-wds-3"
+
+
+def test_make_loaders_closes_the_built_ones_when_a_later_one_is_interrupted(
+    tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loaders
+    from training import data
+
+    closed: list[str] = []
+
+    class Built:
+        def __init__(self, split: str) -> None:
+            self.split = split
+
+        def close(self) -> None:
+            closed.append(self.split)
+
+    def make_loader(name: str, cfg: loaders.LoaderConfig) -> Built:
+        if cfg.split == "test":
+            raise KeyboardInterrupt  # a SIGTERM while the validation split is copied
+        return Built(cfg.split)
+
+    monkeypatch.setattr(data.loaders, "make_loader", make_loader)
+    cfg = train.TrainConfig(**vars(train.get_args_parser().parse_args(["--data", str(tiny_dataset)])))
+    with pytest.raises(KeyboardInterrupt):
+        data.make_loaders(cfg, torch.device("cpu"))
+    assert closed == ["train"]
+
+
+def test_the_cpu_thread_policy_leaves_the_workers_their_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from training import device
+    from training.distributed import Topology
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(device, "machine", lambda: {"cpu_usable": 8})
+    try:
+        assert device.resolve_device("cpu", 3) == torch.device("cpu")
+        assert torch.get_num_threads() == 5, "8 cores, 3 workers"
+        device.resolve_device("cpu", 2, Topology(rank=1, world_size=2, local_rank=1, local_world_size=2))
+        assert torch.get_num_threads() == 2, "4 cores per process on this node, 2 workers"
+        device.resolve_device("cpu", 16)
+        assert torch.get_num_threads() == 1, "never fewer than one"
+        line = device.device_line(torch.device("cpu"), "auto", Topology(0, 2, 0, 2))
+        assert line == "device cpu (no CUDA device found; 1 compute threads; 2 processes)"
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        device.resolve_device("cpu", 2)
+        assert torch.get_num_threads() == 3, "OMP_NUM_THREADS is the user's word"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_summary_lines_say_where_the_results_are_and_what_they_show(tmp_path: Path) -> None:
+    from training.runinfo import summary_lines
+
+    empty = {"summary": {"img_per_s": None}, "epochs": []}
+    assert summary_lines(tmp_path, empty, "interrupted") == [
+        f"interrupted; results in {tmp_path / 'train.csv'} (run.json beside it)",
+        "no epoch completed; the CSV holds the batches that did",
+    ]
+    doc = {
+        "summary": {"img_per_s": 1234.56, "data_wait_fraction": 0.25, "au": 0.7512},
+        "epochs": [{"val": {"top1": 0.41234}}],
+        "counters": {"train": {"skipped": 2}, "test": {"skipped": 1}},
+    }
+    assert summary_lines(tmp_path, doc, "complete")[1:] == [
+        "training 1234.6 img/s, data wait 25.0%, AU 75.1%, val top-1 0.412",
+        "3 bad samples skipped (--skip-bad; counters in run.json)",
+    ]
+
+
+def test_traced_appends_one_line_per_batch_then_steps(tmp_path: Path) -> None:
+    from training.trace import TRACE_ENV, trace_path, traced
+
+    assert trace_path({}, 0) is None and trace_path({TRACE_ENV: " "}, 0) is None
+    path = trace_path({TRACE_ENV: str(tmp_path / "t")}, 1)
+    assert path == tmp_path / "t.rank1"
+    seen: list[int] = []
+    step = traced(lambda x, y: seen.append(len(y)), path, 1, "train", 2)
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    step(images, torch.tensor([3, 7]))
+    (line,) = [json.loads(text) for text in path.read_text().splitlines()]
+    assert line == {
+        "rank": 1,
+        "split": "train",
+        "epoch": 2,
+        "labels": [3, 7],
+        "centre": images[:, :, 2, 2].tolist(),
+    }
+    assert seen == [2]
+    untouched = lambda x, y: None  # noqa: E731
+    assert traced(untouched, None, 0, "train", 1) is untouched
