@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import time
 from pathlib import Path
 
-from feedrate.errors import FeedrateError, run_cli
+from feedrate.errors import run_cli
 from feedrate.manifest import ENCODINGS, SPLITS
 from feedrate.storage import redact_url
 from shardgen.pack import DEFAULT_SHARD_SIZE, ShardgenConfig, build
@@ -90,10 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         where = redact_url(cfg.dest)
         print(f"wrote {manifest.kind} dataset ({manifest.encoding}) to {where} in {seconds:.1f} s")
 
-    try:
-        run_cli("shardgen", body)
-    except FeedrateError:  # pragma: no cover - run_cli already exits
-        sys.exit(2)
+    run_cli("shardgen", body)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import errno
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from feedrate import __version__
@@ -58,7 +58,6 @@ class ShardgenConfig:
     synthetic_train: int = 50_000
     synthetic_test: int = 10_000
     allow_download: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.fmt not in ENCODINGS:
