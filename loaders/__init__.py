@@ -10,16 +10,8 @@ from __future__ import annotations
 import importlib
 
 from feedrate.errors import FeedrateError
-from loaders.availability import unavailable
+from loaders.availability import BACKENDS, unavailable
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, Download, Loader, LoaderConfig, batches_for
-
-# name -> (module, class, pip packages that backend needs)
-BACKENDS: dict[str, tuple[str, str, str]] = {
-    "torchvision": ("loaders.baseline", "TorchvisionLoader", "torch torchvision pillow"),
-    "wds": ("loaders.streaming", "WdsLoader", "torch torchvision"),
-    "dali": ("loaders.dali_pipe", "DaliLoader", "nvidia-dali-cuda120"),
-    "tensor": ("loaders.resident", "TensorLoader", "torch"),
-}
 
 
 def available() -> list[str]:

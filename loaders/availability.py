@@ -17,6 +17,14 @@ from pathlib import Path
 
 from feedrate.errors import FeedrateError
 
+# name -> (module, class, pip packages that backend needs)
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "torchvision": ("loaders.baseline", "TorchvisionLoader", "torch torchvision pillow"),
+    "wds": ("loaders.streaming", "WdsLoader", "torch torchvision"),
+    "dali": ("loaders.dali_pipe", "DaliLoader", "nvidia-dali-cuda120"),
+    "tensor": ("loaders.resident", "TensorLoader", "torch"),
+}
+
 # name -> the modules the backend needs (find_spec names) and what installs them
 REQUIRES: dict[str, tuple[tuple[str, ...], str]] = {
     "torchvision": (("torch", "torchvision", "PIL"), "torch torchvision pillow"),
@@ -74,8 +82,6 @@ def unavailable(name: str, device: str = "cpu", *, imports: bool = False) -> str
 
     An unknown loader name or device is a FeedrateError (a caller's mistake, not a fact about the machine).
     """
-    from loaders import BACKENDS
-
     if name not in BACKENDS:
         raise FeedrateError(f"unknown loader {name!r}; accepted: {', '.join(BACKENDS)}")
     kind = device_type(device)
