@@ -202,7 +202,7 @@ def run_epoch(
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
-            close()  # stop a capped epoch's workers now, outside the timed span (signals are deferred)
+            close()  # a capped epoch's workers stop now, outside the timed span and the immediate block
     return timer.stats()
 
 
@@ -343,8 +343,8 @@ def run_epochs(
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The handler comes first: a SIGTERM while the loaders are built (a remote split being copied to a
-    # temporary directory) must run the same clean-ups as one in the batch loop.
+    """train.py's command line. The signal handler comes first: a SIGTERM while the loaders are built (a
+    remote split being copied to a temporary directory) runs the same clean-ups as one in the loop."""
     with Interrupts() as interrupts:
         return run_cli(
             PROG, lambda: train(TrainConfig(**vars(get_args_parser().parse_args(argv))), interrupts)
