@@ -98,10 +98,10 @@ def measure(
         "samples": counted[middle],
         "repeats_img_per_s": rates,
         "setup_s": setup_s,
-        "decode_device": getattr(loader, "decode_device", "cpu"),
-        "downloads": [d.__dict__ for d in getattr(loader, "downloads", [])],
+        "decode_device": loader.decode_device,
+        "downloads": [d.__dict__ for d in loader.downloads],
         "stats": loader.stats(),
-        "prefetch_plan": getattr(loader, "prefetch_plan", None),
+        "prefetch_plan": loader.prefetch_plan,
         "endpoint_cpu_share": endpoint_share,
     }
 

@@ -76,11 +76,9 @@ def make_loaders(
 
 
 def close_loaders(made: Mapping[str, loaders.Loader]) -> None:
-    """Stop the loaders' persistent workers and drop what they hold (loaders without `close` hold none)."""
+    """Stop the loaders' persistent workers and drop what they hold (temporary copies included)."""
     for loader in made.values():
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+        loader.close()
 
 
 def prepare(

@@ -1,8 +1,9 @@
 """Results of a training run: the seed's CSV (exact) and run.json, the sidecar that says how it was made.
 
-The CSV is the seed's format, fixed by DESIGN.md: header `type,epoch,start,loading,duration,value1,
-value2`, times with 6 decimals, one row per event, each flushed as written. A row is formatted whole and
-handed to one `write` call, so an interrupted run leaves only complete rows.
+The CSV is the seed study's format, fixed (report/ and outside checks read it): header
+`type,epoch,start,loading,duration,value1,value2`, times with 6 decimals, one row per event, each
+flushed as written. A row is formatted whole and handed to one `write` call, so an interrupted run
+leaves only complete rows.
 
 run.json is rewritten atomically (temporary file, then rename) after every epoch and at the end, so a
 reader always sees a whole document; its `status` says whether the run completed.

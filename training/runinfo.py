@@ -1,6 +1,6 @@
 """What run.json says about a run, and the lines train.py prints when it ends.
 
-run.json (DESIGN.md) is a result's provenance: the resolved config (no secrets: URLs redacted, no
+run.json is a result's provenance: the resolved config (no secrets: URLs redacted, no
 environment), the dataset, the device, library versions, the git commit, the machine, the downloads,
 under torchrun the ranks and how each split was shared out, and per epoch the job's figures (img/s,
 data-wait fraction, AU) with each rank's own beside them. `describe` builds its fixed part once the
@@ -79,7 +79,7 @@ def describe(
         "loader": {
             "name": config["loader"],
             "decode_device": made["train"].decode_device,
-            "prefetch_plan": getattr(made["train"], "prefetch_plan", None),
+            "prefetch_plan": made["train"].prefetch_plan,
         },
         "versions": results.library_versions(),
         "git": results.git_state(REPO),
