@@ -77,9 +77,12 @@ class TorchvisionLoader:
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.options = parse_options("torchvision", cfg.options, BATCH_READER_OPTIONS)
+        self.verify: bool = self.options.get("verify", True)  # sha256 of the batch files (run.json)
         self.device = torch.device(cfg.device)
         self.root = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
-        self._arrays = load_split(self.root, cfg.split, cfg.cache_dir, self.options.get("net") or None)
+        self._arrays = load_split(
+            self.root, cfg.split, cfg.cache_dir, self.options.get("net") or None, self.verify
+        )
         self.prefetch_plan = self._arrays.fetch_plan
         self.downloads: list[Download] = self._arrays.downloads
         images, labels = self._arrays.images, self._arrays.labels

@@ -2,7 +2,8 @@
 
 The torchvision baseline and the device-resident tensor loader both start from the split as one uint8
 array. The split's batch files come from `loaders.localcopy.LocalFiles`: in place for a local dataset
-root (after a size check against the manifest); for `s3://` / `cos://`, each copied whole (one GET,
+root (after a size and sha256 check against the manifest; `verify=False` keeps the size check only);
+for `s3://` / `cos://`, each copied whole (one GET,
 resumed from the byte reached if the connection drops; feedrate.storage), verified by sha256, into the
 dataset's directory of the cache (`cache_dir`, else a temporary one removed once the batches are
 unpickled). The fetch is recorded as a `Download` (CSV type 10 / 11), as the seed did for its S3 and
@@ -64,15 +65,16 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.
 
 
 def load_split(
-    root: DatasetRoot, split: str, cache_dir: str | None = None, net: str | None = None
+    root: DatasetRoot, split: str, cache_dir: str | None = None, net: str | None = None, verify: bool = True
 ) -> SplitArrays:
-    """The split's batches as arrays, checked against the manifest's sample count. Remote batch files
-    are fetched several at once, as the link (`net` preset, else FEEDRATE_NET, else measured) asks."""
+    """The split's batches as arrays, checked against the manifest's sample count and (`verify`) sha256.
+    Remote batch files are fetched several at once, as the link (`net` preset, else FEEDRATE_NET, else
+    measured) asks."""
     expected = root.samples(split)  # a missing or empty split is a FeedrateError here
     entries = _entries(root, split)
     num_classes = len(root.manifest.class_names)
     t0 = time.perf_counter()
-    with LocalFiles(root, cache_dir, prefix="feedrate-batches-") as files:
+    with LocalFiles(root, cache_dir, prefix="feedrate-batches-", verify=verify) as files:
         paths = files.paths([(e.name, e.bytes, e.sha256) for e in entries], net)
         images, labels = _concat([read_batch(path, num_classes) for path in paths])
     result = SplitArrays(images, labels, files)

@@ -32,7 +32,9 @@ everywhere. (Evaluation reads in stored order and needs no such care.)
 Knobs (`LoaderConfig.options`): threads (default: workers, else 2), prefetch (queue depth, default 2),
 initial_fill (shuffle buffer, default 4096), hw_decoder_load (0-1, default 0.65), skip_bad (bool),
 net (a feedrate.network preset: the link the cache fill sizes its concurrent GETs for; else
-FEEDRATE_NET's, else measured; the choice is in `prefetch_plan`).
+FEEDRATE_NET's, else measured; the choice is in `prefetch_plan`), verify (bool, default true: the
+sha256 of every shard and index file read in place is checked before DALI sees it, as a copy's always
+is; false keeps the size check only; the `verify` attribute says which).
 
 Bad data: DALI's own errors name neither the shard nor the sample (a sample without a label is "an
 underful sample at index line N", an undecodable image is a batch position), so when the pipeline fails
@@ -61,6 +63,7 @@ import torch
 
 from feedrate.errors import FeedrateError
 from loaders.base import Download, LoaderConfig, batches_for
+from loaders.decode import MAX_LABEL_DIGITS
 from loaders.localcopy import LocalFiles
 from loaders.options import count, flag, fraction, net_preset, parse_options
 from loaders.seeds import AUGMENT, ORDER, epoch_seed
@@ -85,6 +88,7 @@ class DaliOptions:
     hw_decoder_load: float = 0.65
     skip_bad: bool = False
     net: str = ""  # a feedrate.network preset: the link the cache fill plans its concurrency for
+    verify: bool = True  # sha256 of local shards checked before DALI reads them (copies: always)
 
     @classmethod
     def from_config(cls, options: Mapping[str, Any], workers: int) -> DaliOptions:
@@ -96,6 +100,7 @@ class DaliOptions:
             "hw_decoder_load": fraction,
             "skip_bad": flag,
             "net": net_preset,
+            "verify": flag,
         }
         return cls(**({"threads": workers or cls.threads} | parse_options("dali", options, declared)))
 
@@ -116,8 +121,10 @@ def import_dali() -> ModuleType:
 def parse_labels(padded: np.ndarray, num_classes: int) -> np.ndarray:
     """Integer labels from `.cls` bytes: ASCII digits, NUL-padded at the end, one row per sample.
 
-    Horner's rule column by column over the whole batch (a row's digits end where its padding starts),
-    so a label of any number of digits parses; anything that is not a class index is an error.
+    Horner's rule column by column over the whole batch (a row's digits end where its padding starts).
+    Anything that is not a class index is an error: a label of more than MAX_LABEL_DIGITS digits is
+    refused before it is summed, since int64 wraps (a 20-digit label became a small class, or -100,
+    CrossEntropy's ignore index), and so is one outside 0..num_classes-1.
     """
     labels, bad = label_rows(padded, num_classes)
     if bad.any():
@@ -133,22 +140,27 @@ def label_rows(padded: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.nda
     digits = padded.astype(np.int64) - ord("0")
     bad = ~present[:, 0] | (present & ((digits < 0) | (digits > 9))).any(axis=1)
     bad |= (present[:, 1:] & ~present[:, :-1]).any(axis=1)  # a NUL inside the text
+    bad |= present.sum(axis=1) > MAX_LABEL_DIGITS  # before summing: int64 would wrap
     labels = np.where(bad, 0, digits[:, 0])
-    for column in range(1, padded.shape[1]):
+    for column in range(1, min(padded.shape[1], MAX_LABEL_DIGITS)):
         more = present[:, column] & ~bad
         if not more.any():
             break
         labels = np.where(more, labels * 10 + digits[:, column], labels)
-    return labels, bad | (labels >= num_classes)
+    return labels, bad | (labels < 0) | (labels >= num_classes)
 
 
 def _bad_label(padded: np.ndarray, labels: np.ndarray, bad: np.ndarray, num_classes: int) -> str:
     """What is wrong with the first bad label of a batch."""
     row = int(np.flatnonzero(bad)[0])
     text = bytes(padded[row]).rstrip(b"\0")
-    if text.isdigit():
+    if text.isdigit() and len(text) <= MAX_LABEL_DIGITS:
         return f"label {int(labels[row])} is outside the dataset's classes 0..{num_classes - 1}"
-    return f"a .cls member holds {text!r}; expected ASCII digits (a class index)"
+    shown = text if len(text) <= 40 else text[:40] + b"..."
+    return (
+        f"a .cls member holds {shown!r}; expected ASCII digits (at most {MAX_LABEL_DIGITS}) "
+        f"of a class index 0..{num_classes - 1}"
+    )
 
 
 def rank_samples(total: int, rank: int, world_size: int) -> int:
@@ -173,6 +185,7 @@ class DaliLoader:
         self._ops = import_dali()
         self.cfg = cfg
         self.options = DaliOptions.from_config(cfg.options, cfg.workers)
+        self.verify = self.options.verify
         self.device = torch.device(cfg.device)
         device_id = self._device_id()
         self.root: DatasetRoot = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
@@ -204,7 +217,9 @@ class DaliLoader:
         self._built_for = 0  # the epoch the current pipeline was built for
         # The shards on local disk: in place, or copied whole into the cache (or a temporary directory,
         # removed by close() -- and here, if anything below fails or is interrupted).
-        self._files: LocalFiles | None = LocalFiles(self.root, cfg.cache_dir, prefix="feedrate-dali-")
+        self._files: LocalFiles | None = LocalFiles(
+            self.root, cfg.cache_dir, prefix="feedrate-dali-", verify=self.options.verify
+        )
         try:
             self._setup(refs, total, device_id)
         except BaseException:

@@ -11,7 +11,14 @@ touches each sample as little as it can (measured on the 2-core machine, one cor
 PIL stays available (`decode="pil"`) as the reference and for comparison. Every decoder yields NHWC:
 the layout images are stored and decoded in, so no transposing copy happens before augmentation.
 
-Labels (`.cls` members, ASCII integers) are parsed for a whole shard at once with numpy.
+Images are checked before they are decoded: a decoder allocates whatever size the file declares, and
+a png of a few hundred bytes can declare 30000x30000 pixels (2.7 GB of RGB). So the size in each
+image's header (PNG's IHDR, JPEG's frame header) must be 32x32 before a decoder sees it; the headers of
+a batch are read with numpy, a few array operations per batch (`check_headers`). PIL's `Image.open`
+reads only the header: its `.size` is checked before anything is decoded.
+
+Labels (`.cls` members, ASCII integers) are parsed for a whole shard at once with numpy, and must be
+class indices: at most MAX_LABEL_DIGITS digits (so nothing wraps) and in 0..classes-1.
 """
 
 from __future__ import annotations
@@ -110,7 +117,100 @@ def _image_op(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda data: op(data, rgb.value, False)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR"  # the signature, then IHDR's length and type
+JPEG_MAX_SEGMENTS = 64  # segments walked looking for the frame header before an image is refused
+# JPEG frame headers (SOF0-SOF15, without DHT C4, JPG C8 and DAC CC): where the image size is declared
+_SOF = np.zeros(256, dtype=bool)
+_SOF[[m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC)]] = True
+# markers without a length field (TEM, RST0-7); SOI/EOI/SOS before a frame header end the walk
+_STANDALONE = np.zeros(256, dtype=bool)
+_STANDALONE[[0x01, *range(0xD0, 0xD8)]] = True
+
+
+def _be16(data: np.ndarray, at: np.ndarray) -> np.ndarray:
+    return data[at].astype(np.int64) << 8 | data[at + 1]
+
+
+def _png_sizes(data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(width, height, readable) from each png's IHDR chunk, which the format puts first."""
+    n = len(offsets)
+    width, height = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    ok = sizes >= len(PNG_SIGNATURE) + 8
+    rows = np.flatnonzero(ok)
+    if rows.size:
+        head = data[offsets[rows, None] + np.arange(len(PNG_SIGNATURE) + 8)]
+        ok[rows] = (head[:, : len(PNG_SIGNATURE)] == np.frombuffer(PNG_SIGNATURE, dtype=np.uint8)).all(axis=1)
+        fields = head[:, len(PNG_SIGNATURE) :].astype(np.int64)
+        weights = 1 << (8 * np.arange(3, -1, -1, dtype=np.int64))
+        width[rows], height[rows] = fields[:, :4] @ weights, fields[:, 4:] @ weights
+    return width, height, ok
+
+
+def _jpeg_sizes(data: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(width, height, readable) from each jpg's first frame header, found by walking the segments
+    after SOI, all images of the batch in step (a few iterations: JFIF, the tables, then the frame)."""
+    n = len(offsets)
+    width, height = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    ends = offsets + sizes
+    pos = offsets + 2
+    todo = np.flatnonzero(sizes >= 4)
+    todo = todo[(data[offsets[todo]] == 0xFF) & (data[offsets[todo] + 1] == 0xD8)]  # SOI
+    for _ in range(JPEG_MAX_SEGMENTS):
+        todo = todo[pos[todo] + 4 <= ends[todo]]  # room for a marker and a length
+        if not todo.size:
+            break
+        at = pos[todo]
+        todo = todo[data[at] == 0xFF]
+        at = pos[todo]
+        marker = data[at + 1]
+        fill = marker == 0xFF  # fill bytes may precede a marker
+        pos[todo[fill]] += 1
+        standalone = _STANDALONE[marker]
+        pos[todo[standalone]] += 2
+        frame = _SOF[marker] & (at + 9 <= ends[todo])
+        found = todo[frame]
+        if found.size:
+            height[found] = _be16(data, pos[found] + 5)
+            width[found] = _be16(data, pos[found] + 7)
+            ok[found] = True
+        # any other marker with a length: skip its segment (SOS or EOI before a frame: not a usable jpg)
+        segment = ~(fill | standalone | _SOF[marker]) & (marker != 0xDA) & (marker != 0xD9) & (marker != 0xD8)
+        skip = todo[segment]
+        pos[skip] += 2 + _be16(data, pos[skip] + 2)
+        todo = todo[fill | standalone | segment]
+    return width, height, ok
+
+
+_HEADER_READERS = {"png": _png_sizes, "jpg": _jpeg_sizes}
+
+
+def check_headers(parts: Parts, kind: str) -> None:
+    """Raise DecodeError at the first image whose header does not declare 32x32 pixels (or cannot be
+    read): nothing is decoded at a size the header chose (see the module docstring)."""
+    read = _HEADER_READERS[kind]
+    expected_h, expected_w = IMAGE_SHAPE_HWC[:2]
+    start = 0
+    for buffer, offsets, sizes in parts:
+        if len(offsets):
+            data = np.frombuffer(buffer, dtype=np.uint8)
+            width, height, ok = read(data, offsets.astype(np.int64), sizes.astype(np.int64))
+            bad = ~ok | (width != expected_w) | (height != expected_h)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                if not ok[i]:
+                    cause = f"no readable {kind} header declaring its size; not decoded"
+                else:
+                    cause = (
+                        f"its {kind} header declares {int(width[i])}x{int(height[i])} pixels; expected "
+                        f"{expected_w}x{expected_h}; not decoded"
+                    )
+                raise DecodeError(start + i, cause)
+        start += len(offsets)
+
+
 def _decode_each(name: str, parts: Parts) -> torch.Tensor:
+    check_headers(parts, "png" if name == "decode_png" else "jpg")
     op = _image_op(name)
     images = []
     for position, data in enumerate(_tensor_slices(parts)):
@@ -140,14 +240,32 @@ def decode_pil(parts: Parts) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     images = []
+    expected = (IMAGE_SHAPE_HWC[1], IMAGE_SHAPE_HWC[0])  # PIL's (width, height)
     for buffer, offsets, sizes in parts:
         for o, s in zip(offsets.tolist(), sizes.tolist(), strict=True):
             try:
-                with Image.open(io.BytesIO(buffer[o : o + s])) as im:
+                with Image.open(io.BytesIO(buffer[o : o + s])) as im:  # reads the header only
+                    if im.size != expected:
+                        raise DecodeError(
+                            len(images),
+                            f"its {im.format or 'image'} header declares {im.size[0]}x{im.size[1]} pixels; "
+                            f"expected {expected[0]}x{expected[1]}; not decoded",
+                        )
                     images.append(np.asarray(im.convert("RGB")))
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
                 raise DecodeError(len(images), " ".join(str(exc).split())[:160]) from None
     return torch.from_numpy(np.stack(_stack(images, IMAGE_SHAPE_HWC)))
+
+
+def decode_pil_checked(kind: str) -> Callable[[Parts], torch.Tensor]:
+    """`decode_pil` for shards of `kind`, headers checked first as for the other decoders (PIL's own
+    decompression-bomb limit, ~179M pixels, is far above what a 32x32 dataset can hold)."""
+
+    def decode(parts: Parts) -> torch.Tensor:
+        check_headers(parts, kind)
+        return decode_pil(parts)
+
+    return decode
 
 
 # (encoding, choice) -> decoder; "auto" is the measured fastest for that encoding.
@@ -156,10 +274,10 @@ DECODERS: dict[tuple[str, str], Decoder] = {
     ("raw", "numpy"): Decoder("numpy-gather", "NHWC", decode_raw),
     ("jpg", "auto"): Decoder("torchvision", "NHWC", decode_jpeg_torchvision, "torchvision.io"),
     ("jpg", "torchvision"): Decoder("torchvision", "NHWC", decode_jpeg_torchvision, "torchvision.io"),
-    ("jpg", "pil"): Decoder("pil", "NHWC", decode_pil, "PIL.Image"),
+    ("jpg", "pil"): Decoder("pil", "NHWC", decode_pil_checked("jpg"), "PIL.Image"),
     ("png", "auto"): Decoder("torchvision", "NHWC", decode_png_torchvision, "torchvision.io"),
     ("png", "torchvision"): Decoder("torchvision", "NHWC", decode_png_torchvision, "torchvision.io"),
-    ("png", "pil"): Decoder("pil", "NHWC", decode_pil, "PIL.Image"),
+    ("png", "pil"): Decoder("pil", "NHWC", decode_pil_checked("png"), "PIL.Image"),
 }
 
 
@@ -167,8 +285,13 @@ def decode_choices(encoding: str) -> list[str]:
     return [choice for enc, choice in DECODERS if enc == encoding]
 
 
-def parse_labels(buffer: memoryview, offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, int]:
-    """ASCII integer labels at `offsets` (`sizes` digits each), vectorised; (labels, first bad or -1)."""
+def parse_labels(
+    buffer: memoryview, offsets: np.ndarray, sizes: np.ndarray, classes: int | None = None
+) -> tuple[np.ndarray, int]:
+    """ASCII integer labels at `offsets` (`sizes` digits each), vectorised; (labels, first bad or -1).
+
+    Bad: empty, more than MAX_LABEL_DIGITS digits (refused before summing, so nothing wraps), anything
+    but digits, and (given `classes`) a value outside 0..classes-1. `label_problem` says which."""
     n = len(offsets)
     if n == 0:
         return np.zeros(0, dtype=np.int64), -1
@@ -185,4 +308,23 @@ def parse_labels(buffer: memoryview, offsets: np.ndarray, sizes: np.ndarray) -> 
         return np.zeros(n, dtype=np.int64), int(np.flatnonzero(bad.any(axis=1))[0])
     # digit j of a label of size s has weight 10 ** (s - 1 - j)
     powers = np.where(used, 10 ** np.maximum(sizes[:, None] - 1 - columns, 0), 0)
-    return (digits * powers).sum(axis=1), -1
+    labels = (digits * powers).sum(axis=1)
+    if classes is not None:
+        outside = (labels < 0) | (labels >= classes)
+        if outside.any():
+            return labels, int(np.flatnonzero(outside)[0])
+    return labels, -1
+
+
+def label_problem(buffer: memoryview, offset: int, size: int, classes: int) -> str:
+    """What is wrong with the label at `offset` that `parse_labels` refused, in one line."""
+    data = bytes(buffer[offset : offset + min(size, 40)])
+    shown = repr(data.decode("ascii", errors="replace")) + ("..." if size > 40 else "")
+    accepted = f"expected a class index 0..{classes - 1}"
+    if size < 1:
+        return f"the .cls member is empty; {accepted}"
+    if not data.isdigit():
+        return f"the .cls member is not an integer (it holds {shown}); {accepted}"
+    if size > MAX_LABEL_DIGITS:
+        return f"the .cls member holds {shown}, {size} digits (at most {MAX_LABEL_DIGITS}); {accepted}"
+    return f"label {int(data)} is outside 0..{classes - 1}"

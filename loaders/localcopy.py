@@ -2,8 +2,9 @@
 
 The loaders that cannot read a remote store themselves (DALI's webdataset reader, the CIFAR-batch
 readers) start from local files. `LocalFiles` gives them those files:
-- a local dataset: the files in place, after a size check against the manifest (counted as reads, so
-  stats() show the same volume for local and remote data);
+- a local dataset: the files in place, after a size and (with `verify`, the default) sha256 check
+  against the manifest (counted as reads, so stats() show the same volume for local and remote data):
+  a flipped byte in a batch file or shard is an error naming the file, as it is for a remote copy;
 - `s3://` / `cos://`: every file copied whole, one GET each, several at once as the link asks
   (`fetch_plan`), verified by size and sha256 (`ShardCache`), into the one cache layout,
   `cache_dir/<dataset key>/<file name>`, so loaders reading one dataset share one copy and two
@@ -11,7 +12,12 @@ readers) start from local files. `LocalFiles` gives them those files:
   directory that `close()` removes -- and so does any exception while the copy is made, an interrupt
   included (train.py turns SIGTERM into KeyboardInterrupt): a stopped run leaves no stray copy of a
   dataset behind in /tmp.
-The fetch is timed (`started`, `loading`) for the loader's type 10/11 Download row.
+The fetch is timed (`started`, `loading`) for the loader's type 10/11 Download row. `verify=False` only
+drops the sha256 check of files read in place: a copy is always verified (the cache judges a hit by
+it). The bytes checked are counted (`stats().verified_bytes`).
+
+A file read in place is hashed, then read again by its loader: one who can rewrite the dataset's
+directory between the two reads is not defended against (a local dataset is the user's own disk).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from feedrate.errors import FeedrateError
-from loaders.shards import DatasetRoot, ShardCache, fetch_all, fetch_plan, local_path
+from feedrate.files import sha256_of
+from loaders.shards import DatasetRoot, ShardCache, corrupt, fetch_all, fetch_plan, local_path
 from loaders.stats import LoaderStats
 
 FileSpec = tuple[str, int, str]  # (name, bytes, sha256) as the manifest lists a file
@@ -32,11 +39,15 @@ FileSpec = tuple[str, int, str]  # (name, bytes, sha256) as the manifest lists a
 class LocalFiles:
     """Local paths of a dataset's files (see the module docstring); a context manager."""
 
-    def __init__(self, root: DatasetRoot, cache_dir: str | Path | None, prefix: str = "feedrate-") -> None:
+    def __init__(
+        self, root: DatasetRoot, cache_dir: str | Path | None, prefix: str = "feedrate-", verify: bool = True
+    ) -> None:
         self.root = root
+        self.verify = verify
         self.cache: ShardCache | None = None
         self.local_bytes = 0
         self.local_files = 0
+        self.verified_bytes = 0
         self.plan: dict[str, object] = {"concurrency": 1, "source": "local"}
         self.started: float | None = None  # Unix time the copy began (None: nothing was copied)
         self.loading = 0.0  # seconds the copy took
@@ -55,7 +66,7 @@ class LocalFiles:
         """Local paths of `files`, in order. `net`: the feedrate.network preset to plan the copy's
         concurrency for (else FEEDRATE_NET's, else measured; the choice is left in `plan`)."""
         if self.cache is None:
-            return [self._in_place(name, size) for name, size, _ in files]
+            return [self._in_place(name, size, sha256) for name, size, sha256 in files]
         self.started, t0 = time.time(), time.perf_counter()
         try:
             self.plan = fetch_plan(self.root, [size for _, size, _ in files], net)
@@ -64,9 +75,10 @@ class LocalFiles:
             self.close()
             raise
         self.loading = time.perf_counter() - t0
+        self.verified_bytes += sum(size for _, size, _ in files)  # ShardCache.fetch checked each one
         return paths
 
-    def _in_place(self, name: str, size: int) -> Path:
+    def _in_place(self, name: str, size: int, sha256: str) -> Path:
         path = local_path(self.root, name)
         assert path is not None, "only a local dataset is read in place"
         try:
@@ -75,6 +87,11 @@ class LocalFiles:
             raise FeedrateError(f"{path} is missing; the manifest of {self.root.url} lists it") from None
         if found != size:
             raise FeedrateError(f"{path} has {found} bytes; the manifest says {size}")
+        if self.verify:
+            actual = sha256_of(path)
+            if actual != sha256:
+                raise corrupt(str(path), actual, sha256)
+            self.verified_bytes += size
         self.local_bytes += size
         self.local_files += 1
         return path
@@ -86,6 +103,7 @@ class LocalFiles:
             local_bytes=self.local_bytes,
             local_files=self.local_files,
             skipped=skipped,
+            verified_bytes=self.verified_bytes,
         )
 
     def close(self) -> None:

@@ -99,6 +99,7 @@ def parse_options(backend: str, given: Mapping[str, Any], declared: Mapping[str,
 
 
 # The options of the loaders that read the CIFAR python batches (torchvision, tensor). Their batch files
-# are verified whole by sha256 and there is nothing in them to skip, but `skip_bad` is accepted so one
+# are verified whole by sha256, local or remote (`verify`, default true; false drops the check of files
+# read in place), and there is nothing in them to skip, but `skip_bad` is accepted so one
 # `train.py --skip-bad` serves every loader.
-BATCH_READER_OPTIONS: dict[str, Parser] = {"net": net_preset, "skip_bad": flag}
+BATCH_READER_OPTIONS: dict[str, Parser] = {"net": net_preset, "skip_bad": flag, "verify": flag}

@@ -36,11 +36,12 @@ class TensorLoader:
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.options = parse_options("tensor", cfg.options, BATCH_READER_OPTIONS)
+        self.verify: bool = self.options.get("verify", True)  # sha256 of the batch files (run.json)
         self.device = torch.device(cfg.device)
         self.decode_device = self.device.type
         self.root = open_dataset(cfg.data, endpoint_url=cfg.endpoint_url)
         t0 = time.perf_counter()
-        arrays = load_split(self.root, cfg.split, cfg.cache_dir, self.options.get("net") or None)
+        arrays = load_split(self.root, cfg.split, cfg.cache_dir, self.options.get("net") or None, self.verify)
         self.prefetch_plan = arrays.fetch_plan
         images = to_device(torch.from_numpy(arrays.images), self.device)  # (N, 32, 32, 3) uint8
         self.labels = to_device(torch.from_numpy(arrays.labels), self.device)

@@ -267,17 +267,25 @@ class ShardFetcher:
       (size + sha256), stored atomically and used at once (no second read);
     - remote without a cache: one GET streamed into the buffer, resumed from the byte reached if the
       connection drops (see feedrate.storage).
-    With `verify`, a whole shard's sha256 is computed as its bytes arrive and checked before any sample
-    of it is used. A byte range (a part of a shard split between readers) is one ranged GET; it cannot be
-    checked against the whole shard's sha256, so under `verify` (or with a cache) the whole shard is read
-    instead. `bytes_read` counts bytes from the dataset's store; cached copies count as cache hits.
+    With `verify` (the default), a whole shard's sha256 is computed as its bytes arrive, from local disk
+    as from a store, and checked before any sample of it is used. A byte range (a part of a shard split
+    between readers) is one ranged GET; it cannot be checked against the whole shard's sha256, so under
+    `verify` (or with a cache) the whole shard is read instead. `bytes_read` counts bytes from the
+    dataset's store; cached copies count as cache hits; `verified_bytes` the shard bytes checked.
     """
 
-    def __init__(self, root: DatasetRoot, cache_dir: str | Path | None = None, verify: bool = False) -> None:
+    def __init__(self, root: DatasetRoot, cache_dir: str | Path | None = None, verify: bool = True) -> None:
         self.root = root
         self.verify = verify
         self.local = isinstance(root.store, LocalStore)
         self.cache = ShardCache(root, cache_dir) if cache_dir and not self.local else None
+        self.verified_bytes = 0
+        self._count_lock = threading.Lock()  # shards are read in prefetch threads
+
+    def _verified(self, data: bytearray) -> bytearray:
+        with self._count_lock:
+            self.verified_bytes += len(data)
+        return data
 
     def read(self, ref: ShardRef, start: int = 0, end: int | None = None) -> memoryview:
         """Bytes [start, end) of shard `ref` (the whole shard by default)."""
@@ -289,11 +297,18 @@ class ShardFetcher:
         return memoryview(self._get(ref.name, start, end, None))
 
     def _whole(self, ref: ShardRef) -> bytearray:
-        if self.cache is not None:
-            return self.cache.read_through(
-                ref.name, ref.bytes, ref.sha256, lambda: self._get(ref.name, 0, ref.bytes, None, whole=True)
+        if self.cache is not None:  # a cached copy is always verified (its sha256 decides a hit)
+            return self._verified(
+                self.cache.read_through(
+                    ref.name,
+                    ref.bytes,
+                    ref.sha256,
+                    lambda: self._get(ref.name, 0, ref.bytes, None, whole=True),
+                )
             )
-        return self._get(ref.name, 0, ref.bytes, ref.sha256 if self.verify else None, whole=True)
+        if self.verify:
+            return self._verified(self._get(ref.name, 0, ref.bytes, ref.sha256, whole=True))
+        return self._get(ref.name, 0, ref.bytes, None, whole=True)
 
     def _get(self, name: str, start: int, end: int, sha256: str | None, whole: bool = False) -> bytearray:
         """One read of bytes [start, end) of `name` into a buffer, hashed on the way when `sha256`.
@@ -340,7 +355,11 @@ class ShardFetcher:
     def stats(self, skipped: int = 0, prefetch_depth: int | None = None) -> LoaderStats:
         """This process's reads (and `skipped`, `prefetch_depth` from the reader that owns it)."""
         return LoaderStats.of(
-            self.root.store.counters, self.cache, skipped=skipped, prefetch_depth=prefetch_depth
+            self.root.store.counters,
+            self.cache,
+            skipped=skipped,
+            verified_bytes=self.verified_bytes,
+            prefetch_depth=prefetch_depth,
         )
 
 
@@ -351,7 +370,7 @@ def first_bad_sample(tar: Path, idx: Path, encoding: str, classes: int) -> str |
     It reads and decodes the whole shard, so it is for error messages only: DALI reports a sample
     without a label by index line and an undecodable image by batch position, and neither names it.
     """
-    from loaders.decode import DECODERS, DecodeError, parse_labels
+    from loaders.decode import DECODERS, DecodeError, label_problem, parse_labels
 
     try:
         index = parse_index(idx.read_text(encoding="ascii", errors="replace"), str(tar), encoding)
@@ -364,11 +383,10 @@ def first_bad_sample(tar: Path, idx: Path, encoding: str, classes: int) -> str |
         end = max(index.image_offset[i] + index.image_size[i], index.label_offset[i] + index.label_size[i])
         if end > len(data):
             return f"{tar}: sample {key}: its index points past the end of the shard"
-        label, bad = parse_labels(data, index.label_offset[i : i + 1], index.label_size[i : i + 1])
+        offset, size = int(index.label_offset[i]), int(index.label_size[i])
+        _, bad = parse_labels(data, index.label_offset[i : i + 1], index.label_size[i : i + 1], classes)
         if bad >= 0:
-            return f"{tar}: sample {key}: the .cls member is not an integer"
-        if not 0 <= int(label[0]) < classes:
-            return f"{tar}: sample {key}: label {int(label[0])} is outside 0..{classes - 1}"
+            return f"{tar}: sample {key}: {label_problem(data, offset, size, classes)}"
         try:
             DECODERS[(encoding, "auto")]([(data, index.image_offset[i : i + 1], index.image_size[i : i + 1])])
         except DecodeError as exc:

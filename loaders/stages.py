@@ -33,7 +33,7 @@ import torch
 
 from feedrate.shardformat import ShardError, ShardIndex, TruncatedShard
 from loaders.augment import augment, normalize
-from loaders.decode import DecodeError, Decoder, parse_labels
+from loaders.decode import DecodeError, Decoder, label_problem, parse_labels
 from loaders.partition import Unit
 from loaders.shards import ShardFetcher, ShardRef
 
@@ -169,11 +169,9 @@ def load_unit(
     reject(past, "its index points past the end of the shard (index and shard disagree)")
     missing = index.missing_rows(unit.first, unit.stop)
     reject(missing, f"it lacks a .{index.image_ext} or .cls member")
-    labels = _parse_labels(data, index.label_offset[rows] - base, index.label_size[rows], bad, reject)
-    outside = ~bad & ((labels < 0) | (labels >= classes))
-    if outside.any():
-        i = int(np.flatnonzero(outside)[0])
-        reject(outside, f"label {labels[i]} is outside 0..{classes - 1}")
+    labels = _parse_labels(
+        data, index.label_offset[rows] - base, index.label_size[rows], classes, bad, reject
+    )
     good = None if not bad.any() else np.flatnonzero(~bad)
     return LoadedUnit(url, index, unit.first, unit.stop, data, base, labels, good)
 
@@ -182,22 +180,25 @@ def _parse_labels(
     data: memoryview,
     offsets: np.ndarray,
     sizes: np.ndarray,
+    classes: int,
     bad: np.ndarray,
     reject: Callable[[np.ndarray, str], None],
 ) -> np.ndarray:
-    """Labels of the samples not yet `bad`; each one that is not an integer goes to `reject` (which
-    raises, or marks it bad), and the rest are parsed again: one pass unless a label is bad."""
+    """Labels of the samples not yet `bad`; each one that is not a class index (decode.parse_labels)
+    goes to `reject` (which raises, or marks it bad), and the rest are parsed again: one pass unless a
+    label is bad."""
     labels = np.zeros(len(offsets), dtype=np.int64)
     todo = np.flatnonzero(~bad)
     while todo.size and len(data):
-        parsed, first = parse_labels(data, offsets[todo], sizes[todo])
+        parsed, first = parse_labels(data, offsets[todo], sizes[todo], classes)
         if first < 0:
             labels[todo] = parsed
             break
         labels[todo[:first]] = parsed[:first]
+        row = todo[first]
         mask = np.zeros(len(offsets), dtype=bool)
-        mask[todo[first]] = True
-        reject(mask, "the .cls member is not an integer")
+        mask[row] = True
+        reject(mask, label_problem(data, int(offsets[row]), int(sizes[row]), classes))
         todo = todo[first + 1 :]
     return labels
 

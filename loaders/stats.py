@@ -1,7 +1,10 @@
 """The counters every loader reports through `stats()`, in one type.
 
 run.json's `counters` and the bench read these keys: bytes_read, requests, retries, cache_hits,
-cache_misses, skipped (and, for loaders that prefetch over a network, prefetch_depth). Reads of a local
+cache_misses, skipped, verified_bytes (and, for loaders that prefetch over a network, prefetch_depth).
+`verified_bytes` counts the shard and batch-file bytes that were checked against the manifest's sha256
+before use: next to `bytes_read` it shows a run that opted out of verification (`verify=false`), and it
+adds up across readers and ranks like the other counters. Reads of a local
 dataset in place are counted too (`local_bytes`, `local_files`), so a local and a remote run of one
 loader show the same volume of data. A loader whose readers run in other processes sums their
 `LoaderStats` with `+`.
@@ -26,6 +29,7 @@ class LoaderStats:
     cache_hits: int = 0
     cache_misses: int = 0
     skipped: int = 0
+    verified_bytes: int = 0
     prefetch_depth: int | None = None  # readers' prefetch depths summed; None: the loader does not prefetch
 
     @classmethod
@@ -37,6 +41,7 @@ class LoaderStats:
         local_bytes: int = 0,
         local_files: int = 0,
         skipped: int = 0,
+        verified_bytes: int = 0,
         prefetch_depth: int | None = None,
     ) -> LoaderStats:
         """From a store's `Counters`, a `ShardCache` (or None), and what was read in place."""
@@ -47,6 +52,7 @@ class LoaderStats:
             cache_hits=cache.hits if cache is not None else 0,
             cache_misses=cache.misses if cache is not None else 0,
             skipped=skipped,
+            verified_bytes=verified_bytes,
             prefetch_depth=prefetch_depth,
         )
 
@@ -63,6 +69,7 @@ class LoaderStats:
             cache_hits=self.cache_hits + other.cache_hits,
             cache_misses=self.cache_misses + other.cache_misses,
             skipped=self.skipped + other.skipped,
+            verified_bytes=self.verified_bytes + other.verified_bytes,
             prefetch_depth=depth,
         )
 

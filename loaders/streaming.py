@@ -11,8 +11,15 @@ The data path, per reader (the main process, or each DataLoader worker):
   without walking tar headers or making a Python object per member.
 - Each shard is one read: the local file, a verified cached copy (`cache_dir`), or one GET streamed into
   the buffer, resumed from the byte reached if the connection drops (feedrate.storage). A background
-  thread fetches the next shard while the current one is decoded. `verify` checks each shard's sha256
-  as its bytes arrive, before any of its samples is used.
+  thread fetches the next shard while the current one is decoded.
+- Verified by default: a dataset on a shared bucket is someone else's input, and neither the SDK (whose
+  own CRC check the zero-copy `readinto` path never reaches) nor the tar format catches a flipped byte,
+  which would become a wrong image without a word. So each shard's sha256 is computed as its bytes
+  arrive, local or remote, and checked against the manifest before any of its samples is used. A part
+  of a shard cannot be checked against the whole shard's sha256, so under `verify` readers take whole
+  shards only (partition.py's ranged units are not made for workers; a reader left without a shard
+  idles, and a rank that must share a shard reads all of it). `verify=false` opts out (the loader's
+  `verify` attribute says which; `stats()["verified_bytes"]` counts the bytes checked).
 - Shuffling (training only): the shard order is shuffled per epoch, then samples are drawn at random
   from a buffer of `shuffle_buffer` samples (default 4,096, about 1.6 shards of 2,500; the shards
   themselves were shuffled when written). Seeded by (seed, epoch, rank, worker): the same seed and
@@ -23,8 +30,10 @@ The data path, per reader (the main process, or each DataLoader worker):
   (`augment_at`): with a GPU, on the GPU, after the uint8 batch (4x fewer bytes than float32) is copied
   there; on the CPU, in the readers, so the main process only hands batches on. The main process cuts
   the readers' batches into batches of exactly `batch_size` (the last one partial).
-- Exactly once: partition.py deals disjoint sample ranges to ranks and workers, and the loader checks at
-  the end of each epoch that it yielded exactly `samples` samples.
+- Exactly once: partition.py deals disjoint sample ranges to ranks and workers, and the loader checks
+  that an epoch yields exactly `samples` samples. The check runs before the batch that completes
+  `samples` is handed out (the readers are drained first and must have nothing more), since train.py
+  stops after `len()` batches and closes the iterator: a check after the last batch would never run.
 - Counters: each reader attaches its cumulative counters (bytes, requests, retries, cache hits and
   misses) to every batch it sends and to a last counters-only message; the main process keeps the
   latest per reader process and adds them up in `stats()`.
@@ -38,12 +47,12 @@ The data path, per reader (the main process, or each DataLoader worker):
   retry budget (feedrate.storage).
 
 Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from a command line):
-`verify` (bool), `shuffle_buffer` (samples, >= 0), `decode` (auto | torchvision | pil | numpy, by
-encoding), `prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0; see below),
-`net` (a feedrate.network preset name: the link to plan prefetching for), `augment_at` (auto | reader |
-device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check),
-`skip_bad` (bool: skip and count bad samples instead of failing; train.py's `--skip-bad`), `read_ahead`
-(bool, default true: see below).
+`verify` (bool, default true), `shuffle_buffer` (samples, >= 0), `decode` (auto | torchvision | pil |
+numpy, by encoding), `prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0;
+see below), `net` (a feedrate.network preset name: the link to plan prefetching for), `augment_at`
+(auto | reader | device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests'
+exactly-once check), `skip_bad` (bool: skip and count bad samples instead of failing; train.py's
+`--skip-bad`), `read_ahead` (bool, default true: see below).
 Prefetch depth (`prefetch=auto`, the default): 1 for a local dataset. For a remote one, the
 bandwidth-delay product (feedrate.network.prefetch_depth): the shard fetches each reader keeps in flight
 so that a consumer of DEFAULT_DEMAND_IMG_S images/s is fed over the link -- the `net` preset, else
@@ -99,7 +108,7 @@ EPOCH_SKIPPED = "epoch_skipped"  # a reader's last message of an epoch: samples 
 class WdsOptions:
     """The backend's knobs, validated: unknown names and bad values are FeedrateErrors."""
 
-    verify: bool = False
+    verify: bool = True  # sha256 of every shard checked before use (see the module docstring)
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
     decode: str = "auto"
     prefetch: int | None = None  # None: auto (see the module docstring)
@@ -357,9 +366,12 @@ class WdsLoader:
         self.cfg = cfg
         root = open_dataset(cfg.data, cfg.endpoint_url)
         self.options = WdsOptions.parse(dict(cfg.options), root.manifest.encoding)
+        self.verify = self.options.verify
         refs = root.shards(cfg.split)
         rank, world_size = _rank_of(cfg)
-        units = rank_units([r.samples for r in refs], cfg.workers, rank, world_size)
+        # verified reading: whole shards per worker (a range of one cannot be checked; module docstring)
+        workers_split = 1 if self.options.verify else cfg.workers
+        units = rank_units([r.samples for r in refs], workers_split, rank, world_size)
         self.device = torch.device(cfg.device)
         at = self.options.augment_at
         if at == "auto":
@@ -464,10 +476,24 @@ class WdsLoader:
         generator = torch.Generator(device=self.device)  # augmentation on the device (not in the readers)
         generator.manual_seed(epoch_seed(self.cfg.seed, self._epoch, self._rank, stream=AUGMENT))
         yielded = 0
+        checked = False
         self._epoch_skipped = 0
-        for images, labels, keys in self._rebatched(self._messages()):
+        batches = self._rebatched(self._messages())
+        for images, labels, keys in batches:
             yielded += len(labels)
+            if not checked and yielded + self._epoch_skipped >= self.samples:
+                # The batch that completes the epoch: whatever the readers still send must be no more
+                # samples, checked now, before it is handed out -- train.py stops after len() batches
+                # and closes this generator, so nothing after the last yield would ever run.
+                yielded += sum(len(rest[1]) for rest in batches)
+                self._check_epoch(yielded)
+                checked = True
             yield self._finish(images, labels, generator), to_device(labels, self.device), keys
+        if not checked:
+            self._check_epoch(yielded)
+
+    def _check_epoch(self, yielded: int) -> None:
+        """Raise unless the epoch's samples were each yielded or skipped exactly once (in count)."""
         if yielded + self._epoch_skipped != self.samples:
             raise FeedrateError(
                 f"wds loader yielded {yielded} samples in epoch {self._epoch} and skipped "

@@ -218,7 +218,11 @@ def test_undecodable_image_names_shard_and_key(png_copy: Path) -> None:
     data[start : start + int(index.image_size[3])] = b"\0" * int(index.image_size[3])
     shard.write_bytes(bytes(data))
     expected = rf"train-000000\.tar: sample {index.keys[3]}: cannot decode"
-    with WdsLoader(config(png_copy, train=False)) as loader, pytest.raises(ShardError, match=expected):
+    # the manifest is left as it was: only with verification off does the image reach the decoder
+    unverified = config(png_copy, train=False, options={"keys": True, "verify": False})
+    with WdsLoader(unverified) as loader, pytest.raises(ShardError, match=expected):
+        epoch(loader)
+    with WdsLoader(config(png_copy, train=False)) as loader, pytest.raises(ShardError, match="is corrupt"):
         epoch(loader)
 
 
