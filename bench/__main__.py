@@ -14,6 +14,13 @@ ratio to the same loader on local disk (`ratio_to_local`). The loaders are not t
 plan their prefetching from what they measure (their choice is in each row's `prefetch_plan`). Without
 `--net`, remote variants talk to the endpoint directly (network "loopback").
 
+The baseline is measured first and again last; ratios are to the mean of the two passes, and a run
+whose passes differ by more than 15% carries a warning (bench.baseline). Every row also reports the CPU
+time of its process tree per image (`cpu_us_per_img`, bench.cpu), which a noisy neighbour hardly moves.
+With `--peers` (the default; local storage) other libraries' own data paths over the same shards are
+measured as reference rows (`peer:dali-plain`, `peer:webdataset`: bench.peers), and bench.md sets each
+feedrate loader beside its peer.
+
 Each variant runs in a fresh process (`bench.measure`); one that cannot run here (a GPU-only variant
 without a GPU, a missing package) is listed as skipped with its reason.
 
@@ -26,15 +33,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+from bench.baseline import describe
 from bench.cli import SHAPED, Parser, parse_ints, parse_list, parse_nets
 from bench.sweep import sweep
-from bench.tables import net_table, table
+from bench.tables import net_table, peer_table, table
 from bench.variants import LOADERS, STORAGES
 from feedrate import network
 from feedrate.errors import FeedrateError, run_cli
+from feedrate.files import atomic_write_bytes
 from feedrate.manifest import ENCODINGS
 
 
@@ -49,6 +59,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="",
         help="network presets for remote storage, comma-separated or 'all' (default: none, unshaped): "
         + ", ".join(SHAPED),
+    )
+    p.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure other libraries' data paths over the local shards (peer:dali-plain, "
+        "peer:webdataset) as reference rows (default: on; needs local in --storage)",
     )
     p.add_argument("--samples", type=int, default=20_000, help="images per timed pass")
     p.add_argument("--train-size", type=int, default=20_000, help="samples in each bench dataset")
@@ -81,7 +98,12 @@ def _run(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     document = sweep(args)
     document["config"]["wall_s"] = round(time.perf_counter() - started, 1)
-    text = table(document["results"])
+    text = describe(document["baseline"]) + "\n" + table(document["results"])
+    by_peer = peer_table(document["results"])
+    if by_peer:
+        text += (
+            "\n## feedrate against the peers (same shards, local, CPU; img/s over the peer's)\n\n" + by_peer
+        )
     by_net = net_table(document["results"])
     if by_net:
         text += (
@@ -91,15 +113,20 @@ def _run(args: argparse.Namespace) -> None:
             + "\n"
             + by_net
         )
-    tmp = out / ".bench.json.tmp"
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(out / "bench.json")
-    (out / "bench.md").write_text(
-        "# Loader-only throughput\n\n"
-        f"{document['machine'].get('cpu_count')} CPUs, batch {args.batch_size}, "
-        f"{args.samples} images per pass, median of {args.repeats}; ratios to the torchvision "
-        "baseline (local, same workers) measured in this run.\n\n" + text
+    atomic_write_bytes(out / "bench.json", (json.dumps(document, indent=2) + "\n").encode())
+    atomic_write_bytes(
+        out / "bench.md",
+        (
+            "# Loader-only throughput\n\n"
+            f"{document['machine'].get('cpu_count')} CPUs, batch {args.batch_size}, "
+            f"{args.samples} images per pass, median of {args.repeats}; ratios to the torchvision "
+            "baseline (local, same workers) measured first and last in this run, against the mean of the "
+            "two; CPU µs/img: user + system time of the variant's process tree over its timed passes.\n\n"
+            + text
+        ).encode(),
     )
+    if document["baseline"]["flagged"]:
+        print("bench: warning: the baseline was unsteady in this run (see bench.md)", file=sys.stderr)
     print(text)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 

@@ -5,6 +5,10 @@ cannot slow or speed up the next. The loader is built first (not timed: that is 
 fetch is reported in its own field), then iterated for `--warmup` batches, then timed over at least
 `--samples` images (continuing into further epochs when the split is smaller), `--repeats` times. On
 CUDA the clock is read after a synchronise, so asynchronous work is counted where it happens.
+
+Besides the wall clock, the CPU time of the process tree (this process, its threads and the loader's
+worker processes: bench.cpu) is read around the timed passes: CPU microseconds per image. A peer
+(`--loader peer:...`, bench.peers) is measured by the same loop.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 
 import torch
 
-from bench.cpu import cpu_of, endpoint_pids
+from bench.cpu import cpu_of, endpoint_pids, tree_cpu_s
+from bench.peers import build_peer, is_peer
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 
@@ -41,7 +46,8 @@ def measure(
     device: str,
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Median img/s of `repeats` timed passes over >= `samples` training images (augmented)."""
+    """Median img/s of `repeats` timed passes over >= `samples` training images (augmented), and the
+    CPU time of the process tree over those passes per image."""
     dev = torch.device(device)
     cfg = LoaderConfig(
         data=data,
@@ -53,7 +59,10 @@ def measure(
         options=options or {},
     )
     t0 = time.perf_counter()
-    loader = make_loader(loader_name, cfg)
+    if is_peer(loader_name):
+        loader = build_peer(loader_name, data, batch_size=batch_size, workers=workers, device=device)
+    else:
+        loader = make_loader(loader_name, cfg)
     setup_s = time.perf_counter() - t0
     epoch = 0
     loader.set_epoch(epoch)
@@ -74,7 +83,7 @@ def measure(
     _sync(dev)
     rates, seconds_list, counted = [], [], []
     endpoint = endpoint_pids()  # the emulated endpoint's processes (bench.cpu)
-    cpu0, wall0 = cpu_of(endpoint), time.perf_counter()
+    cpu0, wall0, tree0 = cpu_of(endpoint), time.perf_counter(), tree_cpu_s()
     for _ in range(repeats):
         n = 0
         start = time.perf_counter()
@@ -86,17 +95,20 @@ def measure(
         rates.append(n / seconds)
         seconds_list.append(seconds)
         counted.append(n)
+    tree_s = tree_cpu_s() - tree0
     endpoint_share = None
     if endpoint:
         share = (cpu_of(endpoint) - cpu0) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
         endpoint_share = round(share, 3)
     del iterator
+    loader.close()
     middle = sorted(range(repeats), key=lambda i: rates[i])[repeats // 2]
     return {
         "img_per_s": statistics.median(rates),
         "seconds": seconds_list[middle],
         "samples": counted[middle],
         "repeats_img_per_s": rates,
+        "cpu_us_per_img": 1e6 * tree_s / sum(counted),
         "setup_s": setup_s,
         "decode_device": loader.decode_device,
         "downloads": [d.__dict__ for d in loader.downloads],

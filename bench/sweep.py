@@ -3,7 +3,8 @@
 The datasets are built (or reused) first; with remote storage in the plan, the local S3 endpoint
 (rig.endpoint: moto's server on 127.0.0.1, with `--net` the shaping proxy in front, in this process)
 starts, the datasets are copied to it, and it is stopped when the run ends, however it ends. GETs are
-counted at the server.
+counted at the server. The ratios are set when every variant has run: their base is the mean of the
+baseline's first and last passes (bench.baseline).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.baseline import add_ratios, summarise
 from bench.cpu import ENDPOINT_PIDS_ENV
 from bench.datasets import ensure_dataset, train_shards, upload
 from bench.tables import add_local_ratios
@@ -93,7 +95,6 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 for fmt in formats_needed:
                     upload(data_dir / fmt, f"s3://{BUCKET}/{fmt}")
         results: list[dict[str, Any]] = []
-        baseline: dict[int, float] = {}
         variants = plan(args, cuda)
         for variant, reason in progress(variants, desc="variants"):
             fmt = "raw" if variant.encoding == "batches" else variant.encoding
@@ -110,6 +111,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             }
             if variant.net:
                 row["net"] = variant.net
+            if variant.baseline_pass:
+                row["baseline_pass"] = variant.baseline_pass
             if reason is None:
                 server = local.server if local else None
                 before = server.requests("GET", f"/{BUCKET}/") if server else []
@@ -136,6 +139,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 seconds=round(outcome["seconds"], 6),
                 img_per_s=round(outcome["img_per_s"], 1),
                 repeats_img_per_s=[round(r, 1) for r in outcome["repeats_img_per_s"]],
+                cpu_us_per_img=round(outcome["cpu_us_per_img"], 1),
                 decode_device=outcome["decode_device"],
                 setup_s=round(outcome["setup_s"], 3),
                 stats=outcome["stats"],
@@ -144,10 +148,6 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 row["prefetch_plan"] = outcome["prefetch_plan"]
             if outcome.get("endpoint_cpu_share") is not None:
                 row["endpoint_cpu_share"] = outcome["endpoint_cpu_share"]
-            if variant.loader == "torchvision" and variant.storage == "local":
-                baseline[variant.workers] = outcome["img_per_s"]
-            base = baseline.get(variant.workers)
-            row["ratio_to_baseline"] = round(outcome["img_per_s"] / base, 3) if base else None
             if gets is not None:
                 row["server_gets"] = len(gets)
             if gets is not None and variant.encoding != "batches":
@@ -163,9 +163,12 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 ahead = variant.loader == "wds" and variant.storage != "local"
                 row["shard_gets_bound"] = shards * (epochs + int(ahead))
             results.append(row)
+    baseline = summarise(results)
+    add_ratios(results, baseline)
     add_local_ratios(results)
     return {
         "machine": {**machine(), "libraries": library_versions(), "cuda": cuda},
+        "baseline": baseline,
         "config": {
             "samples": args.samples,
             "train_size": args.train_size,
@@ -174,6 +177,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             "warmup_batches": args.warmup,
             "augmentation": "random crop 32 (pad 4), horizontal flip, normalise",
             "dataset": "synthetic",
+            "peers": bool(args.peers and "local" in args.storage),
             "networks": {name: network.preset(name).as_dict() for name in args.net},
         },
         "results": results,

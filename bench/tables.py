@@ -1,30 +1,35 @@
-"""The bench's results as tables: every variant side by side, and remote / local throughput per network."""
+"""The bench's results as tables: every variant side by side, feedrate's loaders against their peers, and
+remote / local throughput per network."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from bench.peers import MEASURES, PEERS, is_peer
 
 
 def table(results: list[dict[str, Any]]) -> str:
     """Every row, measured or skipped, as a Markdown table."""
     head = (
         "| loader | storage | network | encoding | workers | device | img/s | × baseline | × local "
-        "| set-up s | prefetch | GETs/shard/epoch | endpoint CPU |\n"
+        "| CPU µs/img | set-up s | prefetch | GETs/shard/epoch | endpoint CPU |\n"
     )
-    head += "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    head += "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     rows = []
     for r in results:
-        where = f"| {r['loader']} | {r['storage']} | {r.get('net') or ''} | {r['encoding']} "
+        loader = r["loader"] + (f" ({r['baseline_pass']})" if r.get("baseline_pass") else "")
+        where = f"| {loader} | {r['storage']} | {r.get('net') or ''} | {r['encoding']} "
         where += f"| {r['workers']} | {r['device']} "
         if "skipped" in r:
-            rows.append(where + f"| skipped: {r['skipped']} | | | | | | |")
+            rows.append(where + f"| skipped: {r['skipped']} | | | | | | | |")
             continue
         ratio = "" if r["ratio_to_baseline"] is None else f"{r['ratio_to_baseline']:.2f}"
         local = r.get("ratio_to_local")
         gets = r.get("gets_per_shard_epoch")
         rows.append(
             where + f"| {r['img_per_s']:,.0f} | {ratio} | {'' if local is None else f'{local:.2f}'} "
-            f"| {r.get('setup_s', 0):.2f} | {_prefetch(r.get('prefetch_plan'), r.get('stats', {}))} "
+            f"| {r['cpu_us_per_img']:,.0f} | {r.get('setup_s', 0):.2f} "
+            f"| {_prefetch(r.get('prefetch_plan'), r.get('stats', {}))} "
             f"| {'' if gets is None else f'{gets:.2f}'} "
             f"| {_percent(r.get('endpoint_cpu_share'))} |"
         )
@@ -49,12 +54,13 @@ def _prefetch(plan: dict[str, Any] | None, stats: dict[str, Any]) -> str:
 
 def add_local_ratios(results: list[dict[str, Any]]) -> None:
     """`ratio_to_local` on every measured remote row: its img/s over the same loader's on local disk
-    (same encoding, workers and device, same run)."""
-    local = {
-        (r["loader"], r["encoding"], r["workers"], r["device"]): r["img_per_s"]
-        for r in results
-        if r["storage"] == "local" and "skipped" not in r
-    }
+    (same encoding, workers and device, same run; the baseline's two passes: their mean)."""
+    passes: dict[tuple[str, str, int, str], list[float]] = {}
+    for r in results:
+        if r["storage"] == "local" and "skipped" not in r:
+            key = (r["loader"], r["encoding"], r["workers"], r["device"])
+            passes.setdefault(key, []).append(r["img_per_s"])
+    local = {key: sum(v) / len(v) for key, v in passes.items()}
     for r in results:
         if r["storage"] != "local" and "skipped" not in r:
             base = local.get((r["loader"], r["encoding"], r["workers"], r["device"]))
@@ -85,3 +91,36 @@ def net_table(results: list[dict[str, Any]]) -> str:
             cells.append("" if r is None else f"{r['ratio_to_local']:.2f} ({r['setup_s']:.1f} s{cpu_text})")
         rows.append("| " + " | ".join(map(str, key)) + " | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
+
+
+def peer_table(results: list[dict[str, Any]]) -> str:
+    """Per encoding and worker count, each feedrate loader over its peer (wds / peer:webdataset, dali /
+    peer:dali-plain), and whether the fastest feedrate loader reading those shards leads every peer that
+    ran. Local CPU rows only: the peers read local shards on the CPU. Empty without peer rows."""
+    rows_of = [r for r in results if r["storage"] == "local" and r["device"] == "cpu" and "skipped" not in r]
+    keys = list(dict.fromkeys((r["encoding"], r["workers"]) for r in rows_of if is_peer(r["loader"])))
+    if not keys:
+        return ""
+    head = "| encoding | workers | " + " | ".join(f"{MEASURES[p]} / {p}" for p in PEERS)
+    head += " | fastest feedrate loader | leads every peer |\n"
+    head += "|---|---|" + "---:|" * len(PEERS) + "---|---|\n"
+    lines = []
+    for encoding, workers in keys:
+        here = {r["loader"]: r for r in rows_of if (r["encoding"], r["workers"]) == (encoding, workers)}
+        cells = []
+        for peer in PEERS:
+            ours, theirs = here.get(MEASURES[peer]), here.get(peer)
+            cells.append(f"{ours['img_per_s'] / theirs['img_per_s']:.2f}" if ours and theirs else "")
+        feedrate = [r for name, r in here.items() if not is_peer(name)]
+        peers = [r for name, r in here.items() if is_peer(name)]
+        if feedrate:
+            best = max(feedrate, key=lambda r: r["img_per_s"])
+            rival = max(peers, key=lambda r: r["img_per_s"])
+            verdict = "yes" if best["img_per_s"] > rival["img_per_s"] else f"no: {rival['loader']} is faster"
+            missing = [p for p in PEERS if p not in here]
+            verdict += f" (not measured: {', '.join(missing)})" if missing else ""
+            cells += [f"{best['loader']} ({best['img_per_s']:,.0f} img/s)", verdict]
+        else:
+            cells += ["(none measured)", ""]
+        lines.append(f"| {encoding} | {workers} | " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
