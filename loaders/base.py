@@ -74,6 +74,9 @@ class Loader(Protocol):
     # How the loader planned its reads from storage and why: {"source": "local" | "option" | "measured"
     # | FEEDRATE_NET, ...}, with the link and the depth or concurrency chosen (run.json, the bench)
     prefetch_plan: dict[str, Any]
+    # Whether every shard / batch file is checked against the manifest's sha256 before use (the default;
+    # False: the `verify=false` option was given). For run.json; stats()["verified_bytes"] counts them.
+    verify: bool
 
     def __len__(self) -> int: ...
 
@@ -82,8 +85,8 @@ class Loader(Protocol):
     def set_epoch(self, epoch: int) -> None: ...
 
     def stats(self) -> dict[str, int]:
-        """Counters for run.json: bytes_read, requests, retries, cache_hits, cache_misses, skipped
-        (loaders.stats.LoaderStats)."""
+        """Counters for run.json: bytes_read, requests, retries, cache_hits, cache_misses, skipped,
+        verified_bytes (loaders.stats.LoaderStats)."""
         ...
 
     def close(self) -> None:
