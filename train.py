@@ -89,6 +89,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="skip bad samples (corrupt, incomplete, bad label): counted in run.json and named on stderr",
     )
     p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="do not check shards and batch files against the manifest's sha256 (run.json says so)",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=DEFAULT_TIMEOUT_S,
@@ -122,6 +128,7 @@ class TrainConfig:
     dist_timeout: float = DEFAULT_TIMEOUT_S
     skip_bad: bool = False
     net: str = ""
+    verify: bool = True
 
     def __post_init__(self) -> None:
         for flag, value, accepted in (

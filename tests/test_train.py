@@ -104,6 +104,7 @@ def test_local_run_writes_the_seed_csv_and_run_json(
     assert "commit" in doc["git"] and doc["machine"]["cpu_count"] >= 1
     assert doc["config"]["arch"] == "small" and doc["config"]["planned_batches"] == {"train": 10, "test": 4}
     assert doc["counters"]["train"]["bytes_read"] > 0 and doc["downloads"] == []
+    assert doc["loader"]["verify"] is True and doc["counters"]["train"]["verified_bytes"] > 0
     assert [e["epoch"] for e in doc["epochs"]] == [1, 2]
     for entry in doc["epochs"]:
         tr = entry["train"]
@@ -126,8 +127,9 @@ def test_max_batches_caps_train_and_validation_and_overwrite_replaces(
     doc = run_json(out)
     assert doc["config"]["planned_batches"] == {"train": 3, "test": 3}
     assert [e["val"]["batches"] for e in doc["epochs"]] == [3, 3]
-    assert run(tiny_dataset, out, "--max-batches", "2", "--overwrite") == 0
+    assert run(tiny_dataset, out, "--max-batches", "2", "--overwrite", "--no-verify") == 0
     check_csv(out / "train.csv", epochs=1, planned=2)
+    assert run_json(out)["loader"]["verify"] is False  # run.json says the data went unchecked
 
 
 @pytest.mark.parametrize("scheme", ["s3", "cos"])

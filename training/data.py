@@ -35,6 +35,7 @@ class DataSettings(Protocol):
     cache_dir: str | None
     skip_bad: bool
     net: str
+    verify: bool
     out: Path | None
     overwrite: bool
 
@@ -66,7 +67,9 @@ def make_loaders(
                 cache_dir=cfg.cache_dir,
                 rank=topology.rank,
                 world_size=topology.world_size,
-                options=({"skip_bad": True} if cfg.skip_bad else {}) | ({"net": cfg.net} if cfg.net else {}),
+                options=({"skip_bad": True} if cfg.skip_bad else {})
+                | ({"net": cfg.net} if cfg.net else {})
+                | ({} if cfg.verify else {"verify": False}),
             )
             made[split] = loaders.make_loader(cfg.loader, lcfg)
     except BaseException:

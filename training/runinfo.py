@@ -80,6 +80,8 @@ def describe(
             "name": config["loader"],
             "decode_device": made["train"].decode_device,
             "prefetch_plan": made["train"].prefetch_plan,
+            # False: the data were not checked against the manifest's sha256 (--no-verify)
+            "verify": all(loader.verify for loader in made.values()),
         },
         "versions": results.library_versions(),
         "git": results.git_state(REPO),
