@@ -39,6 +39,7 @@ from pathlib import Path
 
 from bench.baseline import describe
 from bench.cli import SHAPED, Parser, parse_ints, parse_list, parse_nets
+from bench.measure import REPEATS
 from bench.sweep import sweep
 from bench.tables import net_table, peer_table, table
 from bench.variants import LOADERS, STORAGES
@@ -70,7 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=20_000, help="images per timed pass")
     p.add_argument("--train-size", type=int, default=20_000, help="samples in each bench dataset")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per variant; the median counts")
+    p.add_argument(
+        "--repeats", type=int, default=REPEATS, help=f"timed passes per variant, median counts ({REPEATS})"
+    )
     p.add_argument("--warmup", type=int, default=5, help="batches before timing")
     p.add_argument("--timeout", type=int, default=600, help="seconds per variant")
     p.add_argument("--data-dir", default="data/bench")

@@ -28,6 +28,15 @@ from bench.peers import build_peer, is_peer
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 
+# Timed passes per variant; the median counts. Measured on this shared 2-core machine (3 processes x 7
+# passes of 20,000 images each for torchvision, wds and dali on raw): the median of any 3 of a process's
+# 7 passes sat up to 17% / 15% / 21% (p90) from its 7-pass median, of any 5 up to 11% / 7.5% / 9%
+# (p50: 1.3% / 0.4% / 0.3%); 5 halves the median's noise for 5/3 the time, and 7 would push `make bench`
+# (about 30 variants, peer:webdataset at ~2.5k img/s) past 15 minutes here. What repeats cannot fix
+# is the machine changing between variants (the three processes' medians differed by up to 2.6x):
+# that is what the baseline's first and last passes and the CPU time per image are for.
+REPEATS = 5
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--samples", type=int, default=20_000)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--options", default="{}", help="JSON dict of backend options")
     args = p.parse_args(argv)
