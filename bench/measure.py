@@ -31,10 +31,12 @@ from loaders import LoaderConfig, make_loader
 # Timed passes per variant; the median counts. Measured on this shared 2-core machine (3 processes x 7
 # passes of 20,000 images each for torchvision, wds and dali on raw): the median of any 3 of a process's
 # 7 passes sat up to 17% / 15% / 21% (p90) from its 7-pass median, of any 5 up to 11% / 7.5% / 9%
-# (p50: 1.3% / 0.4% / 0.3%); 5 halves the median's noise for 5/3 the time, and 7 would push `make bench`
-# (about 30 variants, peer:webdataset at ~2.5k img/s) past 15 minutes here. What repeats cannot fix
-# is the machine changing between variants (the three processes' medians differed by up to 2.6x):
-# that is what the baseline's first and last passes and the CPU time per image are for.
+# (p50: 1.3% / 0.4% / 0.3%; subsets of the same 7, so optimistic). 5 cuts the p90 error of 3 by a third
+# to a half; 7 would add another 40% of timed passes (the default `make bench`, ~31 variants with
+# peer:webdataset at 2-4k img/s, is estimated at ~10 minutes here with 5, ~12.5 with 7) for a median
+# that 5 already matches to ~1% half the time. What no number of repeats fixes is the machine changing
+# between variants (the three processes' medians differed by up to 2.6x): that is what the baseline's
+# first and last passes and the CPU time per image are for.
 REPEATS = 5
 
 
