@@ -260,7 +260,9 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
         assert set(row) >= FIELDS | {"cpu_us_per_img"}, row
         assert row["samples"] >= 256 and row["seconds"] > 0 and row["cpu_us_per_img"] > 0
         assert row["img_per_s"] == pytest.approx(row["samples"] / row["seconds"], rel=0.01)
-        assert row["ratio_to_baseline"] == pytest.approx(row["img_per_s"] / mean, rel=0.01)
+        assert row["ratio_to_baseline"] == pytest.approx(row["img_per_s"] / mean, rel=0.01, abs=5e-4), (
+            "rounded to 3 places"
+        )
     for name in peers.PEERS:  # the peers really ran here (both libraries are in requirements.txt)
         if not peers.unavailable(name):
             assert "skipped" not in rows[(name, "local")] and rows[(name, "local")]["encoding"] == "raw"
@@ -272,7 +274,9 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     for loader, local_img_per_s in (("torchvision", mean), ("wds", rows[("wds", "local")]["img_per_s"])):
         remote = rows[(loader, "s3")]
         assert remote["net"] == "home" and "net" not in rows[("wds", "local")]
-        assert remote["ratio_to_local"] == pytest.approx(remote["img_per_s"] / local_img_per_s, rel=0.01)
+        assert remote["ratio_to_local"] == pytest.approx(
+            remote["img_per_s"] / local_img_per_s, rel=0.01, abs=5e-4
+        )
         assert remote["prefetch_plan"]["source"] == "measured"
         assert 0 <= remote["endpoint_cpu_share"] < 1, "the endpoint's share of the CPUs (timed passes)"
         # home: 40 +- 10 ms to the first byte; a busy 2-core machine may see it later, never sooner
