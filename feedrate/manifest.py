@@ -36,6 +36,12 @@ class ManifestError(FeedrateError):
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MAX_FILE_BYTES = 1 << 36  # 64 GiB: far above any shard or batch, far below an allocation that hangs a host
 MAX_SAMPLES = 1 << 31
+# Shards and their indexes are read whole into memory, so their sizes are bounded by what their samples
+# can need: a 32x32 image in any encoding plus its label, with tar's 512-byte headers and padding, is
+# under 8 KiB; 64 KiB a sample leaves room and still caps a 2,500-sample shard at 160 MB. An index line
+# is under 100 bytes a sample.
+MAX_SHARD_BYTES_PER_SAMPLE = 64 << 10
+MAX_INDEX_BYTES_PER_SAMPLE = 1 << 10
 MAX_CLASSES = 100_000
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
@@ -143,13 +149,18 @@ class Manifest:
                 shards = []
                 for i, s in enumerate(split["shards"]):
                     field = f"splits.{name}.shards[{i}]"
+                    count = _count(s["samples"], f"{field}.samples", where, 1, MAX_SAMPLES)
+                    index = _file(s["index"], f"{field}.index", where)
+                    index_most = 64 + count * MAX_INDEX_BYTES_PER_SAMPLE
+                    _count(index.bytes, f"{field}.index.bytes", where, 1, index_most)
+                    most = 10240 + count * MAX_SHARD_BYTES_PER_SAMPLE  # + tar's two end blocks, padded
                     shards.append(
                         ShardEntry(
                             name=safe_name(s["name"], f"{field}.name", where),
-                            samples=_count(s["samples"], f"{field}.samples", where, 1, MAX_SAMPLES),
-                            bytes=_count(s["bytes"], f"{field}.bytes", where, 1, MAX_FILE_BYTES),
+                            samples=count,
+                            bytes=_count(s["bytes"], f"{field}.bytes", where, 1, most),
                             sha256=_sha256(s["sha256"], f"{field}.sha256", where),
-                            index=_file(s["index"], f"{field}.index", where),
+                            index=index,
                         )
                     )
                 samples = _count(split["samples"], f"splits.{name}.samples", where, 0, MAX_SAMPLES)

@@ -92,11 +92,18 @@ def test_index_batch_and_batch_dir_names_are_checked(tiny_dataset: Path, field: 
     assert "\n" not in message and repr(bad) in message
 
 
-@pytest.mark.parametrize("bad", [-1, 0, 2**40 * 1024, 1.5, True, "123", None])
+@pytest.mark.parametrize("bad", [-1, 0, 2**40 * 1024, 200 << 20, 1.5, True, "123", None])
 def test_sizes_are_bounded_integers_before_anything_is_allocated(tiny_dataset: Path, bad: object) -> None:
     doc = manifest_doc(tiny_dataset)
     doc["splits"]["train"]["shards"][0]["bytes"] = bad
     with pytest.raises(ManifestError, match=r"splits\.train\.shards\[0\]\.bytes is .*expected an integer"):
+        Manifest.from_json(json.dumps(doc))
+
+
+def test_an_index_size_is_bounded_by_its_samples(tiny_dataset: Path) -> None:
+    doc = manifest_doc(tiny_dataset)
+    doc["splits"]["train"]["shards"][0]["index"]["bytes"] = 1 << 30  # 1 GiB for a 100-sample index
+    with pytest.raises(ManifestError, match=r"index\.bytes is 1073741824; expected an integer from 1 to"):
         Manifest.from_json(json.dumps(doc))
 
 
