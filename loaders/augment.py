@@ -4,12 +4,24 @@ The per-sample recipe of the torchvision baseline is RandomCrop(32, padding=4) (
 RandomHorizontalFlip(), ToTensor(), Normalize(mean, std). Run per sample in Python that costs more than
 decoding a 32x32 image; here the same distribution comes from one gather over a whole batch:
 
-1. the batch is copied once into a zero canvas that holds each image, padded, next to its mirror image;
-2. `unfold` views every possible crop window of that canvas (no copy);
-3. one advanced-indexing gather picks each sample's window: its row offset, and its column offset in
-   the plain half or the mirrored half (the flip). The result is NCHW whatever the input layout, so an
-   HWC batch is transposed by the same gather;
-4. one conversion to float32 fused with the normalisation (x * 1/(255 std) - mean/std).
+1. the batch is copied once into a zero canvas that holds each image, padded, and its mirror image;
+2. every possible crop window of that canvas is viewed (no copy);
+3. one gather picks each sample's window: its row offset, and its column offset in the plain or the
+   mirrored canvas (the flip);
+4. one conversion to float32 (transposing to NCHW on the way) and the normalisation
+   (x * 1/(255 std) - mean/std).
+
+Two ways to do steps 1-3, one result (tests/test_augment.py holds them to torchvision's transforms):
+- on the CPU, for an NHWC batch (what every wds decoder yields), `_crop_flip_rows`: the canvas is kept
+  per thread and shape (its zero border is written once), the mirror is one OpenCV `flip` of the whole
+  canvas seen as one tall image when OpenCV is installed (0.7 us/img where torch.flip of a 3-byte pixel
+  costs 2.5), and the gather copies whole crop rows (96 contiguous bytes each) out of a sliding-window
+  view of the canvas with one `index_select` of n*32 row starts: ~1 us/img, where the general path's
+  gather of single pixels out of a 6-d `unfold` view costs ~6;
+- elsewhere (a GPU, an NCHW batch), `unfold` views the windows and one advanced-indexing gather picks
+  them, transposing to NCHW on the way.
+Step 4 runs in chunks of NORMALIZE_CHUNK images on the CPU, so the multiply and add passes find the
+chunk still in cache: with the crop rows, ~4-5 us/img in all on one core, was ~9-10.
 
 Offsets (0..2*padding for rows and columns) and flips (p = 0.5) are drawn per sample from a
 `torch.Generator`, so a seed fixes the augmentation. Validation batches only get step 4.
@@ -18,6 +30,7 @@ Offsets (0..2*padding for rows and columns) and flips (p = 0.5) are drawn per sa
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -25,6 +38,8 @@ from feedrate.errors import FeedrateError
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING
 
 LAYOUTS = ("NCHW", "NHWC")
+NORMALIZE_CHUNK = 32  # images per multiply-add pass on the CPU (a 384 KB float chunk stays in cache)
+_canvases = threading.local()  # per thread: shape -> (canvas, row windows), zero borders written once
 
 
 def _check(images: torch.Tensor, layout: str) -> None:
@@ -60,8 +75,12 @@ def normalize(
         images = images.permute(0, 3, 1, 2)
     scale, shift = _affine(images.device, tuple(mean), tuple(std))
     out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-    out.copy_(images)  # one pass: uint8 -> float32 (and NHWC -> NCHW when permuted)
-    return out.mul_(scale).add_(shift)
+    step = NORMALIZE_CHUNK if images.device.type == "cpu" else max(1, len(images))
+    for start in range(0, len(images), step):
+        chunk = out[start : start + step]
+        chunk.copy_(images[start : start + step])  # uint8 -> float32 (and NHWC -> NCHW when permuted)
+        chunk.mul_(scale).add_(shift)
+    return out
 
 
 def crop_flip(
@@ -75,6 +94,8 @@ def crop_flip(
     """Each image zero-padded by `padding`, cropped back to its size at (dy[i], dx[i]) and mirrored
     left-right where flip[i]; returned as uint8 NCHW. Offsets are in 0..2*padding."""
     _check(images, layout)
+    if layout == "NHWC" and images.device.type == "cpu" and images.is_contiguous():
+        return _crop_flip_rows(images, dy, dx, flip, padding).permute(0, 3, 1, 2)
     if layout == "NCHW":
         images = images.permute(0, 2, 3, 1)  # gather below reads an HWC canvas either way
     n, h, w, c = images.shape
@@ -87,6 +108,48 @@ def crop_flip(
     col = torch.where(flip, wp + 2 * padding - dx, dx)
     rows = torch.arange(n, device=images.device)
     return windows[rows, dy, col]
+
+
+def _canvas(n: int, h: int, w: int, c: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's zeroed canvas for n images, padded (`[0]`: plain, `[1]`: mirrored), and the view of
+    every run of w pixels in it (row windows, one per pixel start)."""
+    key = (n, h, w, c, padding)
+    cache = getattr(_canvases, "by_shape", None)
+    if cache is None:
+        cache = _canvases.by_shape = {}
+    if key not in cache:
+        cache.clear()  # one batch size at a time (the last, partial batch replaces it once an epoch)
+        canvas = torch.zeros((2, n, h + 2 * padding, w + 2 * padding, c), dtype=torch.uint8)
+        cache[key] = (canvas, canvas.view(-1).unfold(0, w * c, c))
+    return cache[key]
+
+
+def _mirror(canvas: torch.Tensor) -> None:
+    """canvas[1] = canvas[0] mirrored left-right, every image at once."""
+    _, n, hp, wp, c = canvas.shape
+    try:
+        import cv2
+    except ImportError:
+        canvas[1] = canvas[0].flip(2)
+        return
+    plain = canvas[0].numpy().reshape(n * hp, wp, c)  # the batch seen as one tall image
+    cv2.flip(plain, 1, dst=canvas[1].numpy().reshape(n * hp, wp, c))
+
+
+def _crop_flip_rows(
+    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, padding: int
+) -> torch.Tensor:
+    """`crop_flip` of a contiguous NHWC CPU batch by whole crop rows (see the module docstring); NHWC."""
+    n, h, w, c = images.shape
+    canvas, windows = _canvas(n, h, w, c, padding)
+    hp, wp = h + 2 * padding, w + 2 * padding
+    canvas[0, :, padding : padding + h, padding : padding + w] = images
+    _mirror(canvas)
+    # A flipped crop at dx is the mirrored canvas's window at 2*padding - dx (the padding is symmetric).
+    col = torch.where(flip, 2 * padding - dx, dx)
+    first = (flip.long() * n + torch.arange(n)) * (hp * wp) + dy * wp + col  # pixel where row 0 starts
+    starts = first[:, None] + torch.arange(h)[None, :] * wp
+    return windows.index_select(0, starts.view(-1)).view(n, h, w, c)
 
 
 def random_crop_flip(
