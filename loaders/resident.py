@@ -2,7 +2,7 @@
 
 The split is read once from any storage URL (the CIFAR python batches at the dataset root; a remote
 fetch is recorded as a type 10/11 row) and copied to the device. Every epoch then costs only tensor ops
-on the device: a permutation, and per batch one gather that crops and flips, and one fused
+on the device: a permutation, and per batch one gather that crops and flips, and one
 uint8-to-float conversion with normalisation. No decode, no per-sample Python, no worker processes:
 what is left is the floor of any loader's cost, against which the others are judged.
 
@@ -292,7 +292,8 @@ class TensorLoader:
                 # A flipped crop at column dx is the mirrored half's window at 2*pad - dx.
                 col = torch.where(flip, self._mirror_base - offsets[1], offsets[1])
                 crops = self._windows[idx, :, offsets[0], col]  # (n, C, H, W) uint8: one gather
-            torch.addcmul(self._shift, crops, self._scale, out=slot.images[:n])  # float32, normalised
+            # to float32 in place, then normalised: three passes, yet twice as fast as one broadcast addcmul
+            slot.images[:n].copy_(crops).mul_(self._scale).add_(self._shift)
             torch.index_select(self.labels, 0, idx, out=slot.labels[:n])
 
         return fill
