@@ -69,9 +69,8 @@ from (about 2 at the default sizes), and up to 4 batches in flight to the main p
 
 from __future__ import annotations
 
+import functools
 import math
-import multiprocessing
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,16 +78,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from feedrate import network
 from feedrate.errors import FeedrateError
 from feedrate.manifest import Manifest
 from feedrate.shardformat import ShardError, ShardIndex
-from feedrate.storage import StorageError, open_store
+from feedrate.storage import open_store
 from loaders.augment import augment, normalize
 from loaders.base import Download, LoaderConfig, batches_for
-from loaders.decode import DECODERS, decode_choices
+from loaders.decode import DECODERS, Decoder, decode_choices
+from loaders.handoff import ReaderThreads
 from loaders.options import choice, count, flag, net_preset, parse_options
 from loaders.partition import Unit, rank_units, worker_units
 from loaders.seeds import AUGMENT, ORDER, epoch_seed
@@ -101,7 +100,7 @@ DEFAULT_SHUFFLE_BUFFER = 4096
 DEFAULT_PREFETCH = 1
 AUGMENT_AT = ("auto", "reader", "device")
 INDEX_READERS = 8  # threads reading index files when the loader is built (remote: latency-bound)
-EPOCH_SKIPPED = "epoch_skipped"  # a reader's last message of an epoch: samples it skipped in that epoch
+QUEUE_DEPTH = 3  # batches each reader thread may have waiting for the consumer
 
 
 @dataclass(frozen=True)
@@ -157,11 +156,13 @@ class StreamSpec:
     shard_bytes: int  # the typical shard, and this reader's share of the demand (bytes/s): what the
     reader_demand_bps: float  # depth is re-planned with
     augment_in_reader: bool  # readers send float32 batches ready to use, else uint8 NHWC
+    pin: bool  # uint8 batches bound for CUDA are pinned by the reader (the copy then runs async)
 
 
-# -- the reader: an IterableDataset run by each DataLoader worker (or the main process) -------------
+# -- the reader: one per reader thread (or the consumer's thread) ---------------------------------
 class _ReaderState:
-    """Per-process resources: a store client of its own (never shared across a fork), a fetch thread."""
+    """Per-reader resources, kept across epochs: a store client of its own (its counters are this
+    reader's), a fetch thread pool, a skip log, and the loads read ahead into the next epoch."""
 
     def __init__(self, spec: StreamSpec) -> None:
         store = open_store(spec.url, endpoint_url=spec.endpoint_url)
@@ -219,85 +220,58 @@ class _ReaderState:
                 self.depth = network.prefetch_depth(link, spec.shard_bytes, spec.reader_demand_bps)
         return self.depth
 
-    def stats(self) -> dict[str, int]:
-        """This reader's counters, sent with each of its messages (a plain dict crosses processes)."""
-        return self.fetcher.stats(self.skips.count if self.skips else 0, self.depth).as_dict()
+    def stats(self) -> LoaderStats:
+        """This reader's counters."""
+        return self.fetcher.stats(self.skips.count if self.skips else 0, self.depth)
+
+    def close(self) -> None:
+        """Cancel the loads not begun (one under way ends on its own; its result is dropped)."""
+        self._ahead = None
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ShardStream(IterableDataset):
-    """Yields (images, labels, keys | None, pid, counters, None) per batch of this reader's units, then
-    (None, None, None, pid, counters, error) once the reader is done: error is None, or the (class
-    name, message) of the FeedrateError that stopped it. The last message's counters also hold
-    `EPOCH_SKIPPED`: the samples this reader skipped in this epoch."""
+@dataclass(frozen=True)
+class EpochDone:
+    """A reader's last message of an epoch: the samples it skipped in it (skip_bad)."""
 
-    def __init__(self, spec: StreamSpec) -> None:
-        super().__init__()
-        self.spec = spec
-        self.decoder = DECODERS[(spec.manifest.encoding, spec.options.decode)]
-        self._epoch = multiprocessing.get_context().RawValue("q", 0)  # seen by persistent workers
-        self._state: tuple[int, _ReaderState] | None = None
+    skipped: int
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.value = epoch
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_state"] = None  # threads and clients stay in the process that made them
-        return state
+def reader_messages(
+    spec: StreamSpec, decoder: Decoder, worker: int, workers: int, epoch: int, state: _ReaderState
+) -> Iterator[tuple | EpochDone]:
+    """Reader `worker` of `workers`' epoch: (images, labels, keys | None) per batch, then EpochDone.
 
-    def _local(self) -> _ReaderState:
-        if self._state is None or self._state[0] != os.getpid():
-            self._state = (os.getpid(), _ReaderState(self.spec))
-        return self._state[1]
+    The pipeline: units -> loaded shards -> drawn batches -> decoded uint8 -> augmented float32 (when the
+    readers augment) or pinned uint8 (bound for CUDA). Every batch holds `batch_size` samples but the
+    reader's last one (and, with skip_bad, one that lost an undecodable image)."""
+    skipped_before = state.stats().skipped
+    units = worker_units(spec.units, worker, workers, epoch, spec.seed, shuffle=spec.train)
+    classes = len(spec.manifest.class_names)
 
-    def __iter__(self) -> Iterator[tuple]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        state, pid = self._local(), os.getpid()
-        skipped_before = state.stats()["skipped"]
-        try:
-            for images, labels, keys in self._batches(worker, workers, int(self._epoch.value), state):
-                yield images, labels, keys, pid, state.stats(), None
-        except FeedrateError as exc:
-            # The user's to fix (a corrupt shard, an unreachable bucket): sent as a message so the main
-            # process re-raises it as it is, not wrapped in a worker traceback.
-            yield None, None, None, pid, state.stats(), (type(exc).__name__, str(exc))
-            return
-        counters = state.stats()
-        yield None, None, None, pid, counters | {EPOCH_SKIPPED: counters["skipped"] - skipped_before}, None
+    def load(unit: Unit) -> LoadedUnit:
+        ref, index, unusable = spec.refs[unit.shard], spec.indexes[unit.shard], spec.unusable[unit.shard]
+        return load_unit(unit, ref, index, state.fetcher, classes, state.skips, unusable)
 
-    def _batches(self, worker: int, workers: int, epoch: int, state: _ReaderState) -> Iterator[tuple]:
-        """The reader's pipeline: units -> loaded shards -> drawn batches -> decoded (-> augmented)."""
-        spec = self.spec
-        units = worker_units(spec.units, worker, workers, epoch, spec.seed, shuffle=spec.train)
-        classes = len(spec.manifest.class_names)
-
-        def load(unit: Unit) -> LoadedUnit:
-            ref, index, unusable = spec.refs[unit.shard], spec.indexes[unit.shard], spec.unusable[unit.shard]
-            return load_unit(unit, ref, index, state.fetcher, classes, state.skips, unusable)
-
-        ready: list[Future] = []
-        spill = None
-        if state.read_ahead:
-            ready = state.take_ahead(epoch, units)
-            following = worker_units(spec.units, worker, workers, epoch + 1, spec.seed, shuffle=spec.train)
-            spill = state.spill_to(epoch + 1, following)
-        loaded = prefetched(units, load, state.pool, state.current_depth, ready, spill)
-        rng = (
-            np.random.default_rng(epoch_seed(spec.seed, epoch, spec.rank, worker, ORDER))
-            if spec.train
-            else None
-        )
-        buffer = spec.options.shuffle_buffer if spec.train else 0
-        batches = decoded(
-            drawn(loaded, spec.batch_size, buffer, rng), self.decoder, spec.options.keys, state.skips
-        )
-        if spec.augment_in_reader:
-            seed = epoch_seed(spec.seed, epoch, spec.rank, worker, AUGMENT)
-            batches = transformed(
-                batches, spec.train, self.decoder.layout, torch.Generator().manual_seed(seed)
-            )
-        return batches
+    ready: list[Future] = []
+    spill = None
+    if state.read_ahead:
+        ready = state.take_ahead(epoch, units)
+        following = worker_units(spec.units, worker, workers, epoch + 1, spec.seed, shuffle=spec.train)
+        spill = state.spill_to(epoch + 1, following)
+    loaded = prefetched(units, load, state.pool, state.current_depth, ready, spill)
+    rng = (
+        np.random.default_rng(epoch_seed(spec.seed, epoch, spec.rank, worker, ORDER)) if spec.train else None
+    )
+    buffer = spec.options.shuffle_buffer if spec.train else 0
+    batches = decoded(drawn(loaded, spec.batch_size, buffer, rng), decoder, spec.options.keys, state.skips)
+    if spec.augment_in_reader:
+        seed = epoch_seed(spec.seed, epoch, spec.rank, worker, AUGMENT)
+        batches = transformed(batches, spec.train, decoder.layout, torch.Generator().manual_seed(seed))
+    elif spec.pin:
+        batches = ((images.pin_memory(), labels, keys) for images, labels, keys in batches)
+    yield from batches
+    yield EpochDone(state.stats().skipped - skipped_before)
 
 
 # -- the loader ------------------------------------------------------------------------------------
@@ -405,26 +379,27 @@ class WdsLoader:
             shard_bytes=shard_bytes,
             reader_demand_bps=demand / readers,
             augment_in_reader=at == "reader",
+            pin=pins(self.device),
         )
-        self._stream = ShardStream(spec)
-        self._stream.decoder.prepare()
+        self._spec = spec
+        self._decoder = DECODERS[(root.manifest.encoding, self.options.decode)]
+        self._decoder.prepare()
         self.samples = sum(u.samples for u in units)
         self.downloads: list[Download] = []
         self.decode_device = "cpu"
         self._augment_in_reader = at == "reader"
-        self._layout = self._stream.decoder.layout
+        self._layout = self._decoder.layout
         self._epoch = 0
         self._rank = rank
-        self._reader_stats: dict[int, dict[str, int]] = {}
+        self._states: list[_ReaderState] = []  # one per reader, made on first use, kept across epochs
+        self._threads: ReaderThreads | None = None  # the reader threads of the pass under way
         self._epoch_skipped = 0  # samples the readers skipped in the epoch being read
-        self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return batches_for(self.samples, self.cfg.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
-        self._stream.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, _ in self._batches():
@@ -437,12 +412,12 @@ class WdsLoader:
         yield from self._batches()
 
     def close(self) -> None:
-        """Stop the worker processes now (they also stop when the loader is garbage collected)."""
-        if self._loader is not None:
-            iterator = getattr(self._loader, "_iterator", None)
-            if iterator is not None:
-                iterator._shutdown_workers()
-            self._loader = None
+        """Stop the reader threads and their fetch pools now (safe to call twice; iterating again
+        starts afresh)."""
+        self._stop_readers()
+        for state in self._states:
+            state.close()
+        self._states = []
 
     def __enter__(self) -> WdsLoader:
         return self
@@ -451,26 +426,33 @@ class WdsLoader:
         self.close()
 
     def stats(self) -> dict[str, int]:
-        """The index reads made here and every reader's latest counters, summed."""
+        """The index reads made here and every reader's counters, summed."""
         total = self._fetcher.stats(prefetch_depth=0)
-        for counters in self._reader_stats.values():
-            total += LoaderStats(**counters)
+        for state in self._states:
+            total += state.stats()
         return total.as_dict()
 
     # -- internals ---------------------------------------------------------------------------------
-    def _messages(self) -> Iterator[tuple]:
-        if self.cfg.workers == 0:
-            return iter(self._stream)
-        if self._loader is None:
-            self._loader = DataLoader(
-                self._stream,
-                batch_size=None,
-                num_workers=self.cfg.workers,
-                persistent_workers=True,
-                prefetch_factor=4,
-                pin_memory=pins(self.device),
-            )
-        return iter(self._loader)
+    def _stop_readers(self) -> None:
+        if self._threads is not None:
+            self._threads.stop()
+            self._threads = None
+
+    def _messages(self) -> Iterator[tuple | EpochDone]:
+        """This epoch's messages from the readers: `workers` threads, taken round-robin, or (0) one
+        reader run in this thread."""
+        workers = self.cfg.workers
+        if not self._states:
+            self._states = [_ReaderState(self._spec) for _ in range(max(1, workers))]
+        self._stop_readers()  # a pass abandoned earlier: its readers share the states
+        if workers == 0:
+            return reader_messages(self._spec, self._decoder, 0, 1, self._epoch, self._states[0])
+        jobs = [
+            functools.partial(reader_messages, self._spec, self._decoder, w, workers, self._epoch, state)
+            for w, state in enumerate(self._states)
+        ]
+        self._threads = ReaderThreads(jobs, QUEUE_DEPTH, name="wds-reader")
+        return iter(self._threads)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
         generator = torch.Generator(device=self.device)  # augmentation on the device (not in the readers)
@@ -478,19 +460,26 @@ class WdsLoader:
         yielded = 0
         checked = False
         self._epoch_skipped = 0
-        batches = self._rebatched(self._messages())
-        for images, labels, keys in batches:
-            yielded += len(labels)
-            if not checked and yielded + self._epoch_skipped >= self.samples:
-                # The batch that completes the epoch: whatever the readers still send must be no more
-                # samples, checked now, before it is handed out -- train.py stops after len() batches
-                # and closes this generator, so nothing after the last yield would ever run.
-                yielded += sum(len(rest[1]) for rest in batches)
+        batches = self._exact(self._messages())
+        threads = self._threads
+        try:
+            for images, labels, keys in batches:
+                yielded += len(labels)
+                if not checked and yielded + self._epoch_skipped >= self.samples:
+                    # The batch that completes the epoch: whatever the readers still send must be no more
+                    # samples, checked now, before it is handed out -- train.py stops after len() batches
+                    # and closes this generator, so nothing after the last yield would ever run.
+                    yielded += sum(len(rest[1]) for rest in batches)
+                    self._check_epoch(yielded)
+                    checked = True
+                yield self._finish(images, labels, generator), to_device(labels, self.device), keys
+            if not checked:
                 self._check_epoch(yielded)
-                checked = True
-            yield self._finish(images, labels, generator), to_device(labels, self.device), keys
-        if not checked:
-            self._check_epoch(yielded)
+        finally:
+            if threads is not None:  # ended, failed or abandoned: its readers stop (a later pass's stay)
+                threads.stop()
+                if self._threads is threads:
+                    self._threads = None
 
     def _check_epoch(self, yielded: int) -> None:
         """Raise unless the epoch's samples were each yielded or skipped exactly once (in count)."""
@@ -500,23 +489,24 @@ class WdsLoader:
                 f"{self._epoch_skipped}, expected {self.samples} in all"
             )
 
-    def _rebatched(self, messages: Iterator[tuple]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
-        """Batches of exactly batch_size from the readers' batches (whose tails are partial)."""
+    def _exact(
+        self, messages: Iterator[tuple | EpochDone]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
+        """Batches of exactly batch_size, the last one partial: the readers' full batches go through
+        as they are (no copy); only their short ones -- each reader's last, and with skip_bad one that
+        lost an image -- are put together (`_cut`)."""
         size = self.cfg.batch_size
         pending: list[tuple] = []
         have = 0
-        for images, labels, keys, pid, counters, error in messages:
-            self._epoch_skipped += counters.pop(EPOCH_SKIPPED, 0)
-            self._reader_stats[pid] = counters
-            if error is not None:
-                raise _reader_error(*error)
-            if images is None:
+        for message in messages:
+            if isinstance(message, EpochDone):
+                self._epoch_skipped += message.skipped
                 continue
-            if not pending and len(labels) == size:
-                yield images, labels, keys
+            if len(message[1]) == size:
+                yield message
                 continue
-            pending.append((images, labels, keys))
-            have += len(labels)
+            pending.append(message)
+            have += len(message[1])
             while have >= size:
                 batch, pending = _cut(pending, size)
                 have -= size
@@ -531,12 +521,6 @@ class WdsLoader:
         if self.cfg.train:
             return augment(images, generator, self._layout)
         return normalize(images, self._layout)
-
-
-def _reader_error(kind: str, message: str) -> FeedrateError:
-    """A reader's FeedrateError, re-made in the main process with its own class where known."""
-    known = {cls.__name__: cls for cls in (ShardError, StorageError, FeedrateError)}
-    return known.get(kind, FeedrateError)(message)
 
 
 def _cut(pending: list[tuple], size: int) -> tuple[tuple, list[tuple]]:
