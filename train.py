@@ -34,6 +34,7 @@ from feedrate import network
 from feedrate.errors import FeedrateError, run_cli
 from feedrate.manifest import Manifest
 from feedrate.progress import progress
+from loaders.stagetimes import stage_times
 from training import results
 from training.data import close_loaders, prepare
 from training.device import DEVICES, device_line, resolve_device
@@ -42,6 +43,7 @@ from training.interrupts import Interrupts
 from training.models import ARCHS, Stepper
 from training.output import open_output
 from training.runinfo import describe, now, phase, rank_info, summary_lines
+from training.stages import between
 from training.timing import BatchTime, Clock, EpochStats, EpochTimer, combine_ranks
 from training.trace import Step, trace_path, traced
 
@@ -177,6 +179,7 @@ def run_epoch(
     that skipped samples may run out before `planned` batches; the epoch then ends there.
     """
     timer = EpochTimer(clock)
+    before = stage_times(loader)  # cumulative: this epoch's stages are the difference (training.stages)
     batches: Iterator | None = None
     interrupts = interrupts or Interrupts()  # not entered: installs nothing, only keeps the modes
 
@@ -206,11 +209,12 @@ def run_epoch(
                 # A signal's own raise can be lost (an at-fork hook swallows it when a DataLoader starts
                 # its workers): the note it left is checked after every batch.
                 interrupts.check()
+        after = stage_times(loader)  # before the workers stop
     finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()  # a capped epoch's workers stop now, outside the timed span and the immediate block
-    return timer.stats()
+    return timer.stats(between(before, after))
 
 
 def train(cfg: TrainConfig, interrupts: Interrupts) -> int:
@@ -325,7 +329,7 @@ def run_epochs(
                 accuracy = stepper.take_accuracy(group.all_sum)
                 log.epoch(results.TRAIN_EPOCH, epoch, tr, *accuracy)
                 trained.append(tr_ranks)
-                entry = {"epoch": epoch, "train": phase(tr_ranks, accuracy), "val": None}
+                entry = {"epoch": epoch, "train": phase(tr_ranks, accuracy, cfg.workers), "val": None}
                 doc["epochs"].append(entry)
                 interrupts.check()
                 group.broadcast_buffers(stepper.module)
@@ -333,7 +337,7 @@ def run_epochs(
                 va_ranks, rank_counters = map(list, zip(*group.gather((va, stats_now())), strict=True))
                 accuracy = stepper.take_accuracy(group.all_sum)
                 log.epoch(results.VAL_EPOCH, epoch, va, *accuracy)
-                entry["val"] = phase(va_ranks, accuracy)
+                entry["val"] = phase(va_ranks, accuracy, cfg.workers)
                 save("running")
             status = "complete"
         except BaseException as exc:

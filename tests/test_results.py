@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
+from feedrate.errors import FeedrateError
 from training import results
 from training.timing import Clock, EpochStats, EpochTimer, combine
 
@@ -81,11 +85,12 @@ def test_csv_rows_match_the_seed_format(tmp_path: Path) -> None:
     with results.CsvLog(path) as log:
         log.download("train", 1_700_000_000.5, 1.5, 2.25, 50_000)
         log.download("test", 1_700_000_003.0, 0.5, 0.75, 10_000)
+        assert path.read_text().count("\n") == 3  # download rows are on disk as soon as logged
         for batch in timer.batches:
             log.batch(1, timer.start, batch, 2)
-            # Each row is on disk as soon as it is written.
-            assert path.read_text().count("\n") == 3 + batch.index
         log.epoch(results.TRAIN_EPOCH, 1, timer.stats(), 0.5, 0.875)
+        # An epoch row is on disk when logged, after the batch rows logged before it.
+        assert path.read_text().count("\n") == 6
         log.epoch(results.VAL_EPOCH, 1, timer.stats(), None, None)
     assert path.read_text().splitlines() == [
         "type,epoch,start,loading,duration,value1,value2",
@@ -96,6 +101,46 @@ def test_csv_rows_match_the_seed_format(tmp_path: Path) -> None:
         "0,1,1700000000.000000,0.123457,2.123457,0.500000,0.875000",
         "1,1,1700000000.000000,0.123457,2.123457,,",
     ]
+
+
+def test_batch_rows_reach_the_file_by_the_writer_thread_and_close_writes_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    timer, _ = timed_epoch([(0.5, 1.0)] * 3)
+    log = results.CsvLog(path)
+    log.batch(1, timer.start, timer.batches[0], 3)
+    deadline = time.monotonic() + 30  # the writer flushes every FLUSH_S; this only bounds a hang
+    while path.read_text().count("\n") < 2 and time.monotonic() < deadline:
+        time.sleep(results.FLUSH_S / 4)
+    assert path.read_text().splitlines()[1] == "2,1,1700000000.000000,0.500000,1.500000,1,3"
+    for batch in timer.batches[1:]:
+        log.batch(1, timer.start, batch, 3)
+    log.close()
+    log.close()  # twice is harmless
+    assert [line.split(",")[5] for line in path.read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_format_row_writes_what_csv_writer_would() -> None:
+    rows = [(2, 1, 1_700_000_000.123, 0.1234567, 2.0, 3, 400), (0, 2, 1.0, 0.0, 0.0, 0.5, None)]
+    for row in rows:
+        line = io.StringIO()
+        csv.writer(line, lineterminator="\n").writerow(
+            [row[0], row[1], *(f"{t:.6f}" for t in row[2:5]), *(results._value(v) for v in row[5:])]
+        )
+        assert results.format_row(row) == line.getvalue()
+
+
+def test_a_write_error_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = results.CsvLog(tmp_path / "train.csv")
+    timer, _ = timed_epoch([(0.5, 1.0)])
+
+    def full(data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(log, "_file", type("Full", (), {"write": staticmethod(full), "closed": False})())
+    with pytest.raises(FeedrateError, match=r"cannot write .*train.csv: No space left on device"):
+        log.epoch(results.TRAIN_EPOCH, 1, timer.stats(), None, None)
+    monkeypatch.undo()
+    log.close()  # the writer thread stops
 
 
 def test_json_written_atomically_leaves_no_temporary_file(tmp_path: Path) -> None:

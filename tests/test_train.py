@@ -398,6 +398,21 @@ def test_summary_lines_say_where_the_results_are_and_what_they_show(tmp_path: Pa
         "training 1234.6 img/s, data wait 25.0%, AU 75.1%, val top-1 0.412",
         "3 bad samples skipped (--skip-bad; counters in run.json)",
     ]
+    what_if = {
+        "feed_img_per_s": 4000.0,
+        "cached": {"img_per_s": 8000.0},
+        "twice_readers": {"img_per_s": 7999.6},
+        "au90_accelerator": {"img_per_s": 3600.0},
+    }
+    doc["epochs"] = [{"train": {"bound_by": "decode", "bound_share": 0.62, "what_if": what_if}, "val": None}]
+    assert summary_lines(tmp_path, doc, "complete")[2] == (
+        "bound by decode (62% of reader time): readers feed 4,000 img/s; cached 8,000, 2x readers 8,000; "
+        "AU < 90% above 3,600 img/s (run.json what_if)"
+    )
+    doc["epochs"] = [{"train": {"bound_by": "compute", "bound_share": 0.012}, "val": None}]
+    assert summary_lines(tmp_path, doc, "complete")[2] == (
+        "bound by compute (data wait 1.2% of step time): the loader reports no stage times"
+    )
 
 
 def test_traced_appends_one_line_per_batch_then_steps(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from feedrate.storage import redact_url
 from training import results
 from training.distributed import Group, SplitPlan
 from training.models import Stepper, peak_lr
+from training.stages import per_rank, phase_stages, verdict_text
 from training.timing import EpochStats, across_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,10 +114,14 @@ def rank_info(group: Group, device: torch.device) -> dict[str, Any]:
     }
 
 
-def phase(ranks: Sequence[EpochStats], accuracy: tuple[float | None, float | None]) -> dict[str, Any]:
-    """An epoch's `train` or `val` entry: the job's figures, accuracy, and each rank's own (several ranks)."""
-    own = {"ranks": [r.as_dict() for r in ranks]} if len(ranks) > 1 else {}
-    return across_ranks(ranks) | {"top1": accuracy[0], "top5": accuracy[1]} | own
+def phase(
+    ranks: Sequence[EpochStats], accuracy: tuple[float | None, float | None], workers: int = 0
+) -> dict[str, Any]:
+    """An epoch's `train` or `val` entry: the job's figures, accuracy, the data path's stages, verdict and
+    what-if figures (training.stages; `workers`: readers per rank), and each rank's own (several ranks)."""
+    own = {"ranks": [r.as_dict() | per_rank(r, workers) for r in ranks]} if len(ranks) > 1 else {}
+    job = across_ranks(ranks) | {"top1": accuracy[0], "top5": accuracy[1]}
+    return job | phase_stages(ranks, workers) | own
 
 
 def pct(x: float | None) -> str:
@@ -126,7 +131,8 @@ def pct(x: float | None) -> str:
 
 def summary_lines(out: Path, doc: Mapping[str, Any], status: str) -> list[str]:
     """The lines that end a run's output: where the results are, the training rate, data wait, AU and
-    the last validation top-1, and how many bad samples were skipped (if any)."""
+    the last validation top-1, the last training epoch's verdict with its what-if figures (when it has
+    one), and how many bad samples were skipped (if any)."""
     lines = [f"{status}; results in {out / results.CSV_NAME} (run.json beside it)"]
     s, epochs = doc["summary"], doc["epochs"]
     if not epochs:
@@ -137,7 +143,27 @@ def summary_lines(out: Path, doc: Mapping[str, Any], status: str) -> list[str]:
         f"training {rate}, data wait {pct(s['data_wait_fraction'])}, AU {pct(s['au'])}, "
         f"val top-1 {'n/a' if top1 is None else f'{top1:.3f}'}"
     )
+    trained = epochs[-1].get("train") or {}
+    verdict = verdict_text(trained)
+    if verdict:
+        lines.append(f"{verdict}: {_what_if_text(trained)}")
     skipped = sum(int(c.get("skipped", 0)) for c in (doc.get("counters") or {}).values())
     if skipped:
         lines.append(f"{skipped} bad samples skipped (--skip-bad; counters in run.json)")
     return lines
+
+
+def _what_if_text(record: Mapping[str, Any]) -> str:
+    """The verdict's second half: the readers' feed rate and the what-if figures, or why there are none."""
+    w = record.get("what_if")
+    if not w:
+        return "the loader reports no stage times"
+
+    def rate(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:,.0f}"
+
+    return (
+        f"readers feed {rate(w['feed_img_per_s'])} img/s; cached {rate(w['cached']['img_per_s'])}, "
+        f"2x readers {rate(w['twice_readers']['img_per_s'])}; "
+        f"AU < 90% above {rate(w['au90_accelerator']['img_per_s'])} img/s (run.json what_if)"
+    )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -52,9 +52,12 @@ class Clock:
         return self._wall()
 
 
-@dataclass(frozen=True)
-class BatchTime:
-    """One batch: its own spans and the epoch's cumulative figures after it (a CSV type-2 row)."""
+class BatchTime(NamedTuple):
+    """One batch: its own spans and the epoch's cumulative figures after it (a CSV type-2 row).
+
+    A named tuple: one is made per batch between the step and the next fetch, where every microsecond
+    counts against AU, and it costs a quarter of a frozen dataclass.
+    """
 
     index: int  # 1-based
     samples: int
@@ -76,6 +79,9 @@ class EpochStats:
     compute: float  # step time, summed
     first_batch: float  # wall time of the first batch (fetch + step), excluded from AU
     first_step: float = 0.0  # step time of the first batch (part of `compute`, excluded from AU)
+    # seconds per stage of the loader's data path in this epoch, {"wall": {...}, "cpu": {...}}
+    # (loaders.stagetimes; training.stages reads them); None when the loader reports none
+    stages: dict[str, dict[str, float]] | None = None
 
     @property
     def img_per_s(self) -> float | None:
@@ -134,19 +140,16 @@ class EpochTimer:
         step = now - self._fetched_at
         self.loading += self._pending_loading
         self.compute += step
+        batches = self.batches
         batch = BatchTime(
-            index=len(self.batches) + 1,
-            samples=samples,
-            loading=self._pending_loading,
-            step=step,
-            cum_loading=self.loading,
-            cum_duration=now - self._t0,
+            len(batches) + 1, samples, self._pending_loading, step, self.loading, now - self._t0
         )
-        self.batches.append(batch)
+        batches.append(batch)
         return batch
 
-    def stats(self) -> EpochStats:
-        """The epoch so far; its duration ends with the last completed batch."""
+    def stats(self, stages: dict[str, dict[str, float]] | None = None) -> EpochStats:
+        """The epoch so far; its duration ends with the last completed batch. `stages`: the loader's
+        stage seconds over the epoch (training.stages.between), carried for run.json."""
         first = self.batches[0] if self.batches else None
         last = self.batches[-1] if self.batches else None
         return EpochStats(
@@ -158,6 +161,7 @@ class EpochTimer:
             compute=self.compute,
             first_batch=first.cum_duration if first else 0.0,
             first_step=first.step if first else 0.0,
+            stages=stages,
         )
 
 
