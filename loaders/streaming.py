@@ -1,10 +1,19 @@
 """LOADER=wds: WebDataset shards from local disk, S3 or COS, one read per shard per epoch.
 
-The data path, per reader (the main process, or each DataLoader worker):
+The data path, per reader (a thread of the consumer's process: handoff.py):
 
-    units ─► shard bytes ─► shuffle buffer ─► uint8 batches ─► [augment] ─► main process: exact
-    (partition.py) (one GET, prefetched) (samples) (decode.py) (augment.py)   batches, [augment] on GPU
-                   └───────────────── stages.py ────────────────────────┘
+    units ─► shard bytes ─► shuffle buffer ─► uint8 batches ─► augment (CPU) ─► consumer: batches taken
+    (partition.py) (one GET, prefetched) (samples) (decode.py) or pin (CUDA)     round-robin, [augment on
+                   └───────────────── stages.py ──────────────────────────┘     the GPU after the copy]
+
+`--workers N` (LoaderConfig.workers) means N reader threads in the consumer's process, each reading its
+own share of the units (0: one reader run in the consumer's own thread, no threads). Not DataLoader
+worker processes: at 32x32, pickling batches between processes, copying them through shared memory and
+a copy of torch per worker cost more per image than decoding it (the lead's estimate: ~30 us/img of
+pipeline overhead; measured here on 2 busy cores, this loader's whole CPU cost per image fell from 46
+to 21 us on raw shards). Everything a reader spends time in releases the GIL (reads, sha256, numpy
+gathers, torch ops, libjpeg-turbo and libpng), and each reader thread runs torch with one intra-op
+thread, so N readers use about N cores.
 
 - The manifest lists the shards; each shard's DALI index (read and verified once, when the loader is
   built) says where every sample's image and label lie, so a whole shard read into one buffer is sliced
@@ -24,35 +33,46 @@ The data path, per reader (the main process, or each DataLoader worker):
   from a buffer of `shuffle_buffer` samples (default 4,096, about 1.6 shards of 2,500; the shards
   themselves were shuffled when written). Seeded by (seed, epoch, rank, worker): the same seed and
   worker count give the same epoch. Validation reads shards in order, unshuffled.
-- Readers decode whole batches into one uint8 tensor each. Augmentation is a few tensor ops on the whole
-  batch (augment.py): random crop with 4-pixel zero padding and horizontal flip (training), conversion
-  to float32 and normalisation (always) -- the torchvision baseline's transforms, batched. Where it runs
-  (`augment_at`): with a GPU, on the GPU, after the uint8 batch (4x fewer bytes than float32) is copied
-  there; on the CPU, in the readers, so the main process only hands batches on. The main process cuts
-  the readers' batches into batches of exactly `batch_size` (the last one partial).
+- Readers decode whole batches into one uint8 array each, every image written in place into its row
+  (decode.py: simplejpeg for jpg, OpenCV for png, a numpy gather for raw). Batches stay uint8 until
+  the one augmentation pass per batch (augment.py): random crop with 4-pixel zero padding and
+  horizontal flip (training), conversion to float32 and normalisation (always) -- the torchvision
+  baseline's transforms, batched. Where it runs (`augment_at`): with a GPU, on the GPU, after the
+  uint8 batch (4x fewer bytes than float32), pinned by its reader, is copied there without blocking;
+  on the CPU, in the reader threads (in parallel; the consumer only hands batches on), or in the
+  consumer's thread with `--workers 0`.
+- Batches of exactly `batch_size`: each reader draws full batches, handed on as they are (no copy);
+  only the short ones -- each reader's last, and with `skip_bad` one that lost an image -- are joined
+  by the consumer, so an epoch has one partial batch, the last.
+- Deterministic by (seed, epoch, worker count): each reader's order and augmentation are seeded by
+  (seed, epoch, rank, reader), and the consumer takes the readers' batches in a fixed turn (one queue
+  per reader, round-robin), never first-come.
 - Exactly once: partition.py deals disjoint sample ranges to ranks and workers, and the loader checks
   that an epoch yields exactly `samples` samples. The check runs before the batch that completes
   `samples` is handed out (the readers are drained first and must have nothing more), since train.py
   stops after `len()` batches and closes the iterator: a check after the last batch would never run.
-- Counters: each reader attaches its cumulative counters (bytes, requests, retries, cache hits and
-  misses) to every batch it sends and to a last counters-only message; the main process keeps the
-  latest per reader process and adds them up in `stats()`.
-
+- Counters: each reader keeps its own store client and fetcher (bytes, requests, retries, cache hits
+  and misses, verified bytes, skips); `stats()` adds up the readers' and the index reads'. A reader
+  ends each epoch with a message giving the samples it skipped in it (for the exactly-once check).
+- A reader's FeedrateError (a corrupt shard, an unreachable bucket) is re-raised by the consumer as it
+  is. An abandoned epoch (train.py's --max-batches, a `break`) stops its readers before the next
+  epoch starts; `close()` stops them and their fetch pools.
 - Bad data (a corrupt or truncated shard, a sample without its image or label, a label that is not a
   class number, an image that does not decode, an index that disagrees with the manifest) is an error
   naming the shard and the sample's key. With `skip_bad` it is left out instead: counted in
   `stats()["skipped"]` (per epoch, every sample of the split is either yielded once or counted there)
-  and named on stderr (the first few per reader process; stages.SkipLog). An epoch may then end with
+  and named on stderr (the first few per reader; stages.SkipLog). An epoch may then end with
   fewer batches than `len()`. Storage that cannot be reached is never skipped: it fails after its
   retry budget (feedrate.storage).
 
 Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from a command line):
-`verify` (bool, default true), `shuffle_buffer` (samples, >= 0), `decode` (auto | torchvision | pil |
-numpy, by encoding), `prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0;
-see below), `net` (a feedrate.network preset name: the link to plan prefetching for), `augment_at`
-(auto | reader | device), `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests'
-exactly-once check), `skip_bad` (bool: skip and count bad samples instead of failing; train.py's
-`--skip-bad`), `read_ahead` (bool, default true: see below).
+`verify` (bool, default true), `shuffle_buffer` (samples, >= 0), `decode` (by encoding: raw auto |
+numpy; jpg auto | simplejpeg | opencv | torchvision | pil; png auto | opencv | torchvision | pil),
+`prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0; see below), `net` (a
+feedrate.network preset name: the link to plan prefetching for), `augment_at` (auto | reader | device),
+`keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check), `skip_bad`
+(bool: skip and count bad samples instead of failing; train.py's `--skip-bad`), `read_ahead` (bool,
+default true: see below).
 Prefetch depth (`prefetch=auto`, the default): 1 for a local dataset. For a remote one, the
 bandwidth-delay product (feedrate.network.prefetch_depth): the shard fetches each reader keeps in flight
 so that a consumer of DEFAULT_DEMAND_IMG_S images/s is fed over the link -- the `net` preset, else
@@ -64,7 +84,8 @@ the epoch boundary: once the last shard of an epoch is on its way, the first sha
 are fetched too, so an epoch does not open with a wait (not with `skip_bad`, whose skips are counted
 in the epoch that loads them, nor with `cache_dir`, whose later epochs read local copies).
 Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
-from (about 2 at the default sizes), and up to 4 batches in flight to the main process.
+from (about 2 at the default sizes), and up to QUEUE_DEPTH batches waiting for the consumer; no second
+copy of torch, since readers are threads.
 """
 
 from __future__ import annotations

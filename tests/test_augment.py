@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torchvision.transforms.functional as F
@@ -67,3 +69,19 @@ def test_bad_layout_and_dtype() -> None:
         normalize(batch(2), "HWC")
     with pytest.raises(FeedrateError, match="expected a uint8 batch"):
         normalize(batch(2).float(), "NHWC")
+
+
+def test_the_cpu_row_path_equals_the_general_path_with_and_without_opencv(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    images = batch(40, seed=3)
+    g = torch.Generator().manual_seed(2)
+    dy, dx = torch.randint(0, 9, (2, len(images)), generator=g)
+    flip = torch.rand(len(images), generator=g) < 0.5
+    general = crop_flip(images.permute(0, 3, 1, 2).contiguous(), dy, dx, flip, padding=4, layout="NCHW")
+    assert torch.equal(crop_flip(images, dy, dx, flip, padding=4, layout="NHWC"), general)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # the mirror made by torch.flip instead of OpenCV
+    assert torch.equal(crop_flip(images, dy, dx, flip, padding=4, layout="NHWC"), general)
+    smaller = batch(7, seed=4)  # a partial last batch: a canvas of its own size, zero borders again
+    expected = crop_flip(smaller.permute(0, 3, 1, 2).contiguous(), dy[:7], dx[:7], flip[:7], 4, "NCHW")
+    assert torch.equal(crop_flip(smaller, dy[:7], dx[:7], flip[:7], padding=4, layout="NHWC"), expected)

@@ -3,6 +3,9 @@ the cache, verification and errors that name the shard and the sample."""
 
 from __future__ import annotations
 
+import io
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -12,8 +15,9 @@ import torch
 
 from feedrate.errors import FeedrateError
 from feedrate.shardformat import ShardError, parse_index
-from loaders import CIFAR10_MEAN, CIFAR10_STD, make_loader
-from loaders.decode import parse_labels
+from loaders import CIFAR10_MEAN, CIFAR10_STD, make_loader, streaming
+from loaders.decode import DECODERS, decode_choices, parse_labels
+from loaders.handoff import ReaderThreads
 from loaders.partition import Unit, rank_units, split_units, worker_units
 from loaders.shards import open_dataset
 from loaders.streaming import WdsLoader
@@ -256,3 +260,75 @@ def test_parse_labels_vectorised() -> None:
     labels, bad = parse_labels(buf, np.array([0, 3, 7]), np.array([1, 2, 1]))
     assert labels.tolist() == [7, 12, 3] and bad == -1
     assert parse_labels(buf, np.array([0, 10]), np.array([1, 1]))[1] == 1
+
+
+# -- decoders, reader threads ----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+def test_every_decoder_gives_pil_pixels(tmp_path: Path, fmt: str) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    smooth = rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8).repeat(8, axis=1).repeat(8, axis=2)
+    encoded = []
+    for image in smooth:
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, "JPEG" if fmt == "jpg" else "PNG", quality=95, subsampling=0)
+        encoded.append(out.getvalue())
+    buffer = memoryview(bytearray(b"".join(encoded)))
+    sizes = np.array([len(e) for e in encoded])
+    parts = [(buffer, np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes)]
+    reference = DECODERS[(fmt, "pil")](parts)
+    for choice in decode_choices(fmt):
+        images = DECODERS[(fmt, choice)](parts)
+        assert images.shape == (6, 32, 32, 3) and images.dtype == torch.uint8, choice
+        assert torch.equal(images, reference), f"{choice} decodes {fmt} to PIL's pixels"
+    assert DECODERS[(fmt, "auto")].name == ("simplejpeg" if fmt == "jpg" else "opencv")
+
+
+def test_reader_threads_take_turns_whatever_their_speed(coded: dict[int, Path], monkeypatch) -> None:
+    def run() -> list[str]:
+        with WdsLoader(config(coded[5], workers=2, batch_size=2, options={"keys": True})) as loader:
+            return epoch(loader, 1)[0]
+
+    steady = run()
+    real = streaming.load_unit
+    delays = iter(np.random.default_rng(0).uniform(0, 0.05, 100).tolist())
+
+    def jittery(*args, **kw):  # type: ignore[no-untyped-def]
+        time.sleep(next(delays))  # the readers finish their shards in a different order each time
+        return real(*args, **kw)
+
+    monkeypatch.setattr(streaming, "load_unit", jittery)
+    assert run() == steady, "batches are taken from the readers in a fixed turn, not first-come"
+
+
+def test_round_robin_order_and_a_reader_failure() -> None:
+    def job(tag: str, n: int, fail: bool = False):  # type: ignore[no-untyped-def]
+        def messages():  # type: ignore[no-untyped-def]
+            for i in range(n):
+                time.sleep(0.01 if tag == "a" else 0)
+                yield f"{tag}{i}", torch.get_num_threads()
+            if fail:
+                raise ShardError(f"reader {tag} failed")
+
+        return messages
+
+    threads = ReaderThreads([job("a", 3), job("b", 1), job("c", 2)], depth=1)
+    got = list(threads)
+    assert [m for m, _ in got] == ["a0", "b0", "c0", "a1", "c1", "a2"]
+    assert {n for _, n in got} == {1}, "one torch thread per reader"
+    threads.stop()
+    threads.stop()
+    failing = ReaderThreads([job("a", 2), job("b", 5, fail=True)], depth=1)
+    with pytest.raises(ShardError, match="reader b failed"):
+        list(failing)
+
+
+def test_workers_are_threads_that_leave_the_consumer_alone(coded: dict[int, Path]) -> None:
+    before = torch.get_num_threads()
+    with WdsLoader(config(coded[5], workers=2)) as loader:
+        next(iter(loader))
+        assert [t.name for t in threading.enumerate()].count("wds-reader-0") <= 1
+        assert torch.get_num_threads() == before, "readers set their own torch thread count, not ours"
+        assert Counter(epoch(loader, 1)[0]) == Counter(all_keys()), "the abandoned pass stopped first"
+    assert not [t for t in threading.enumerate() if t.name.startswith("wds-reader")], "close() stops them"
