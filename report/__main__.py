@@ -1,6 +1,9 @@
 """`python -m report DIR... [--out DIR]`: the seed's plotData notebook as a command.
 
-For any folder of runs (one run folder included): summary.csv, summary.md and four PNG plots.
+For any folder of runs (one run folder included): summary.csv, summary.md and the PNG plots: where each
+epoch goes, the data wait over an epoch, throughput, accuracy, and -- when there is something to draw --
+AU against an emulated accelerator's rate (au_vs_rate.png) and the data path's time per stage
+(stage_times.png, from the loaders' stage times in run.json).
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ def build_report(inputs: list[Path], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     summary.write_csv(table, out / "summary.csv")
     summary.write_markdown(table, sweep, out / "summary.md")
+    optional = [
+        plots.au_vs_rate(runs, out / "au_vs_rate.png"),
+        plots.stage_times(runs, out / "stage_times.png"),
+    ]
+    for name in ("au_vs_rate.png", "stage_times.png"):  # one not drawn this time must not linger
+        if out / name not in optional:
+            (out / name).unlink(missing_ok=True)
     return [
         out / "summary.csv",
         out / "summary.md",
@@ -28,6 +38,7 @@ def build_report(inputs: list[Path], out: Path) -> list[Path]:
         plots.cumulative_loading(runs, out / "cumulative_loading.png"),
         plots.throughput(table, out / "throughput.png"),
         plots.accuracy(runs, out / "accuracy.png"),
+        *(f for f in optional if f is not None),
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,13 @@ from training.results import (
 
 # The contract is written by training.results; reading it here from the same names keeps the two in step.
 HEADER = list(CSV_HEADER)
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[+-]?\d+)?)")
+
+
+def natural_key(text: str) -> tuple[tuple[int, float | str], ...]:
+    """A sort key that orders the numbers inside a label by value: `emu3000` before `emu100000`,
+    `w2` before `w16` (plain string order puts them the other way round)."""
+    return tuple((0, float(part)) if i % 2 else (1, part) for i, part in enumerate(_NUMBER.split(text)))
 
 
 @dataclass
@@ -132,6 +140,28 @@ class Run:
                 return entry.get("train", {}).get("samples")
         return None
 
+    def record(self, epoch: int, phase: str = "train") -> dict[str, Any]:
+        """run.json's `train` or `val` record of an epoch ({} when it has none)."""
+        for entry in self.meta.get("epochs", []):
+            if entry.get("epoch") == epoch:
+                return entry.get(phase) or {}
+        return {}
+
+    def stages(self, epoch: int) -> dict[str, float]:
+        """Wall seconds per stage of the data path in a training epoch (run.json `stages`; {} when the
+        loader reported none: an absent stage was not separable)."""
+        return dict(self.record(epoch).get("stages") or {})
+
+    def verdict(self, epoch: int) -> str:
+        """`decode (62%)`, `compute (wait 1.2%)` or "" (run.json `bound_by`, `bound_share`)."""
+        record = self.record(epoch)
+        bound, share = record.get("bound_by"), record.get("bound_share")
+        if not bound:
+            return ""
+        if share is None:
+            return str(bound)
+        return f"compute (wait {100 * share:.1f}%)" if bound == "compute" else f"{bound} ({100 * share:.0f}%)"
+
     def img_per_s(self, epoch: int) -> float | None:
         for entry in self.meta.get("epochs", []):
             if entry.get("epoch") == epoch:
@@ -179,7 +209,8 @@ def load_run(csv_path: Path) -> Run:
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run under the given folders (a run folder itself included), sorted by label."""
+    """Every run under the given folders (a run folder itself included), sorted by label with its
+    numbers in numeric order (`natural_key`)."""
     found: list[Path] = []
     for path in paths:
         if not path.exists():
@@ -196,7 +227,7 @@ def find_runs(paths: list[Path]) -> list[Run]:
             runs.append(load_run(csv_path))
     if not runs:
         raise FeedrateError(f"no feedrate CSV under {', '.join(str(p) for p in paths)}")
-    runs.sort(key=lambda r: (r.variant, str(r.path)))
+    runs.sort(key=lambda r: (natural_key(r.variant), natural_key(str(r.path))))
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.variant] = counts.get(run.variant, 0) + 1

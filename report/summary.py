@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from report.runs import Run
+from report.runs import Run, natural_key
 
 # MLPerf Storage's pass line: the accelerator must be busy at least 90% of the time.
 AU_PASS = 0.90
@@ -29,6 +29,12 @@ COLUMNS = [
     "train_top5",
     "val_top1",
     "val_top5",
+    "bound_by",
+    "bound_share",
+    "feed_img_per_s",
+    "cached_img_per_s",
+    "twice_readers_img_per_s",
+    "au90_accelerator_img_per_s",
     "run",
 ]
 
@@ -42,6 +48,8 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
             v = val.get(ep.epoch)
             samples = run.samples(ep.epoch)
             rate = run.img_per_s(ep.epoch)
+            record = run.record(ep.epoch)
+            what_if = record.get("what_if") or {}
             if rate is None and samples:
                 rate = samples / ep.duration
             out.append(
@@ -63,6 +71,14 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
                     "train_top5": ep.top5,
                     "val_top1": v.top1 if v else None,
                     "val_top5": v.top5 if v else None,
+                    "bound_by": record.get("bound_by"),
+                    "bound_share": record.get("bound_share"),
+                    "verdict": run.verdict(ep.epoch),
+                    "feed_img_per_s": what_if.get("feed_img_per_s"),
+                    **{
+                        f"{name}_img_per_s": (what_if.get(name) or {}).get("img_per_s")
+                        for name in ("cached", "twice_readers", "au90_accelerator")
+                    },
                     "run": str(run.path),
                 }
             )
@@ -70,7 +86,8 @@ def rows(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def emulation_pass_line(runs: list[Run]) -> list[dict[str, Any]]:
-    """For each loader (and storage, workers): the highest emulated rate it fed at AU >= 90%."""
+    """For each loader (and storage, workers): the highest emulated rate it fed at AU >= 90%, in the
+    loaders' name order and each one's rates by value."""
     groups: dict[tuple[str, str, Any], list[tuple[float, float | None]]] = {}
     for run in runs:
         if not run.emulate:
@@ -80,7 +97,7 @@ def emulation_pass_line(runs: list[Run]) -> list[dict[str, Any]]:
         key = (run.loader, run.storage + (f"@{run.net}" if run.net else ""), run.config.get("workers"))
         groups.setdefault(key, []).append((run.emulate, min(aus) if aus else None))
     result = []
-    for (loader, storage, workers), points in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (loader, storage, workers), points in sorted(groups.items(), key=lambda kv: natural_key(str(kv[0]))):
         passing = [rate for rate, au in points if au is not None and au >= AU_PASS]
         result.append(
             {
@@ -145,15 +162,52 @@ def write_csv(table: list[dict[str, Any]], path: Path) -> None:
             writer.writerow({k: _fmt(row[k], 6) if isinstance(row[k], float) else row[k] for k in COLUMNS})
 
 
+def _verdict_notes(table: list[dict[str, Any]]) -> list[str]:
+    """How to read the `bound by` column, and the what-if figures of the runs whose loader reported
+    its stages (none yet: said so, and stage_times.png is not drawn)."""
+    lines = [
+        "",
+        "`bound by`: `compute` when the data wait is below 5% of the step time (first batch left out); "
+        "otherwise the stage of the data path with the largest share of reader time (run.json `stages`); "
+        "empty when the loader reports no stage times and the run waited on data.",
+    ]
+    staged = [r for r in table if r["feed_img_per_s"] is not None]
+    if not staged:
+        return [
+            *lines,
+            "",
+            "No loader in these runs reported per-stage times, so stage_times.png is not drawn.",
+        ]
+    lines += [
+        "",
+        "## What-if figures (run.json `what_if`; the model and each assumption are written there)",
+        "",
+        "| variant | epoch | bound by | readers feed img/s | cached img/s | 2x readers img/s "
+        "| AU < 90% above img/s |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in staged:
+        lines.append(
+            f"| {r['variant']} | {r['epoch']} | {r['verdict']} | {_rate(r['feed_img_per_s'])} "
+            f"| {_rate(r['cached_img_per_s'])} | {_rate(r['twice_readers_img_per_s'])} "
+            f"| {_rate(r['au90_accelerator_img_per_s'])} |"
+        )
+    return lines
+
+
+def _rate(value: float | None) -> str:
+    return "" if value is None else f"{value:,.0f}"
+
+
 def write_markdown(table: list[dict[str, Any]], sweep: list[dict[str, Any]], path: Path) -> None:
     kinds = sorted({str(r["dataset_kind"]) for r in table})
     lines = ["# feedrate summary", ""]
     if "synthetic" in kinds:
         lines += ["**Dataset: synthetic CIFAR-shaped data** - accuracy is not a CIFAR-10 figure.", ""]
     lines += [
-        "| variant | epoch | epoch s | loading s | data wait | AU | img/s | train top-1 | val top-1 "
-        "| val top-5 | dataset |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | epoch | epoch s | loading s | data wait | AU | img/s | bound by | train top-1 "
+        "| val top-1 | val top-5 | dataset |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in table:
         wait = "" if r["data_wait_fraction"] is None else f"{100 * r['data_wait_fraction']:.1f}%"
@@ -161,8 +215,8 @@ def write_markdown(table: list[dict[str, Any]], sweep: list[dict[str, Any]], pat
         rate = "" if r["img_per_s"] is None else f"{r['img_per_s']:,.0f}"
         lines.append(
             f"| {r['variant']} | {r['epoch']} | {r['epoch_s']:.2f} | {r['loading_s']:.2f} | {wait} | {au} "
-            f"| {rate} | {_fmt(r['train_top1'])} | {_fmt(r['val_top1'])} | {_fmt(r['val_top5'])} "
-            f"| {r['dataset_kind']} |"
+            f"| {rate} | {r['verdict']} | {_fmt(r['train_top1'])} | {_fmt(r['val_top1'])} "
+            f"| {_fmt(r['val_top5'])} | {r['dataset_kind']} |"
         )
     if sweep:
         lines += [
@@ -180,6 +234,7 @@ def write_markdown(table: list[dict[str, Any]], sweep: list[dict[str, Any]], pat
             best = "none passed" if s["max_rate_at_au90"] is None else f"{s['max_rate_at_au90']:,.0f}"
             tried = ", ".join(f"{r:g}" for r in s["rates_tried"])
             lines.append(f"| {s['loader']} | {s['storage']} | {s['workers']} | {tried} | {aus} | {best} |")
+    lines += _verdict_notes(table)
     pairs = remote_vs_local(table)
     if pairs:
         lines += [

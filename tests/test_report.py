@@ -18,9 +18,15 @@ HEADER = "type,epoch,start,loading,duration,value1,value2\n"
 
 
 def _write_run(
-    folder: Path, loader: str, workers: int, emulate: float | None, batches: list[tuple[float, float]]
+    folder: Path,
+    loader: str,
+    workers: int,
+    emulate: float | None,
+    batches: list[tuple[float, float]],
+    train: dict | None = None,
 ):
-    """A run whose batches take (loading, step) seconds each, one epoch, plus run.json."""
+    """A run whose batches take (loading, step) seconds each, one epoch, plus run.json (`train`: more of
+    its epoch's train record, e.g. stages and bound_by)."""
     folder.mkdir(parents=True)
     lines = [HEADER, "10,0,1700000000.000000,0.500000,0.750000,1000,\n"]
     cum_l = cum_d = 0.0
@@ -34,7 +40,7 @@ def _write_run(
     meta = {
         "config": {"loader": loader, "data": "s3://b/ds", "workers": workers, "emulate": emulate},
         "dataset": {"kind": "synthetic"},
-        "epochs": [{"epoch": 1, "train": {"samples": 100 * len(batches)}}],
+        "epochs": [{"epoch": 1, "train": {"samples": 100 * len(batches)} | (train or {})}],
     }
     (folder / "run.json").write_text(json.dumps(meta))
 
@@ -74,7 +80,14 @@ def test_summary_figures_match_the_csv(runs_dir: Path, tmp_path: Path) -> None:
 def test_plots_are_real_images(runs_dir: Path, tmp_path: Path) -> None:
     files = build_report([runs_dir], tmp_path / "r")
     pngs = [f for f in files if f.suffix == ".png"]
-    assert len(pngs) == 4
+    assert [p.name for p in pngs] == [
+        "loading_vs_compute.png",
+        "cumulative_loading.png",
+        "throughput.png",
+        "accuracy.png",
+        "au_vs_rate.png",  # two emulated runs; no loader reported stages: no stage_times.png
+    ]
+    assert "No loader in these runs reported per-stage times" in (tmp_path / "r" / "summary.md").read_text()
     for png in pngs:
         pixels = np.asarray(Image.open(png).convert("L"))
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300
@@ -213,3 +226,66 @@ def test_remote_runs_through_a_shaped_link_are_set_beside_local_ones(
     with pytest.raises(SystemExit) as exit_info:
         train.main([*common, "--data", url, "--net", "moon", "--out", str(runs / "bad")])
     assert exit_info.value.code == 2 and not (runs / "bad").exists()
+
+
+def test_variants_sort_by_their_numbers_and_every_line_has_its_own_colour(tmp_path: Path) -> None:
+    from report.plots import palette
+
+    root = tmp_path / "sweep"
+    rates = (100000, 3000, 1000, 30000, 10000)
+    for loader in ("tensor", "torchvision", "wds", "dali"):
+        for rate in rates:
+            _write_run(root / f"{loader}-{rate}", loader, 2, float(rate), [(0.1, 1.0), (0.1, 1.0)])
+    runs = find_runs([root])
+    assert [r.label for r in runs[:5]] == [f"dali/s3/w2/emu{r}" for r in sorted(rates)]
+    assert [r.emulate for r in runs if r.loader == "tensor"] == sorted(rates)
+    colours = palette([(r.loader, r.label) for r in runs])
+    assert len(set(colours.values())) == len(runs) == 20
+    # Within a loader's colour family the shade darkens with the rate: the sweep reads light to dark.
+    for loader in ("tensor", "wds"):
+        light = [sum(colours[r.label][:3]) for r in runs if r.loader == loader]
+        assert light == sorted(light, reverse=True), loader
+    files = build_report([root], tmp_path / "r")
+    assert tmp_path / "r" / "au_vs_rate.png" in files
+    md = (tmp_path / "r" / "summary.md").read_text()
+    sweep = next(line for line in md.splitlines() if line.startswith("| tensor | s3 | 2 |"))
+    assert "1000, 3000, 10000, 30000, 100000" in sweep
+
+
+def test_stage_plot_and_verdicts_from_run_json(runs_dir: Path, tmp_path: Path) -> None:
+    what_if = {
+        "feed_img_per_s": 1500.0,
+        "cached": {"img_per_s": 3000.0},
+        "twice_readers": {"img_per_s": 2900.0},
+        "au90_accelerator": {"img_per_s": 1350.0},
+    }
+    staged = {
+        "stages": {"storage": 0.3, "decode": 1.24, "augment": 0.36, "queue": 0.1},
+        "bound_by": "decode",
+        "bound_share": 0.62,
+        "what_if": what_if,
+    }
+    _write_run(runs_dir / "s", "wds", 4, None, [(1.0, 1.0), (1.0, 1.0)], staged)
+    _write_run(
+        runs_dir / "c",
+        "dali",
+        4,
+        None,
+        [(0.0, 1.0), (0.0, 1.0)],
+        {"bound_by": "compute", "bound_share": 0.012},
+    )
+    out = tmp_path / "r"
+    files = build_report([runs_dir], out)
+    assert out / "stage_times.png" in files
+    pixels = np.asarray(Image.open(out / "stage_times.png").convert("L"))
+    assert pixels.std() > 5
+    md = (out / "summary.md").read_text()
+    assert "| wds/s3/w4 | 1 |" in md and "| decode (62%) |" in md and "| compute (wait 1.2%) |" in md
+    assert "| wds/s3/w4 | 1 | decode (62%) | 1,500 | 3,000 | 2,900 | 1,350 |" in md
+    with open(out / "summary.csv", newline="") as f:
+        rows = {r["run"].rsplit("/", 1)[-1]: r for r in csv.DictReader(f)}
+    assert rows["s"]["bound_by"] == "decode" and float(rows["s"]["au90_accelerator_img_per_s"]) == 1350
+    assert rows["a"]["bound_by"] == "" and rows["a"]["feed_img_per_s"] == ""
+    # A later report without stages removes the stale picture.
+    build_report([runs_dir / "a"], out)
+    assert not (out / "stage_times.png").exists()

@@ -2,6 +2,7 @@
 
 - `models`: the networks, their recipe (SGD, warm-up then cosine) and `Stepper`, which runs one step;
 - `timing`: one clock for the data wait and the step, per-epoch figures (img/s, data wait, AU);
+- `stages`: the loaders' per-stage times per epoch, the verdict (`bound_by`) and the what-if figures;
 - `results`: the seed's CSV and run.json's writing and provenance; `runinfo`: what run.json says;
 - `distributed`: torchrun's environment, the process group and how ranks share an epoch out;
 - `device`: the device a run computes on and the CPU thread policy;
