@@ -2,9 +2,13 @@
 
 On a GPU, jpg is decoded by nvJPEG (`decoders.image` on device "mixed"), and crop, flip and
 normalisation run on the GPU; DALI's buffers become torch tensors through DLPack, without a trip through
-host memory. Without a GPU, or with `device="cpu"`, the same graph runs on DALI's CPU operators
-(`device_id=None`). The graph itself is in loaders.dali_ops; this module finds the shards, owns the
-pipeline's lifetime and epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
+host memory. Without a GPU, or with `device="cpu"`, DALI's CPU operators (`device_id=None`) read and
+decode, and the batch is cropped, flipped and normalised here by batched torch ops (loaders.augment),
+seeded by (seed, epoch, rank): DALI's per-sample CPU operators cost five times as much at 32x32 (see
+loaders.dali_ops). Those ops run on one torch thread: the cores are DALI's (`threads`), and torch's
+own intra-op threads spinning against DALI's cost ten times the work (measured: 219 against 20 CPU us
+per image). The graph itself is in loaders.dali_ops; this module finds the shards, owns the pipeline's
+lifetime and epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
 
 Shards are always read from local disk by DALI's webdataset reader, with shardgen's index files:
 - a local dataset: the files in place;
@@ -29,7 +33,8 @@ rank's batch count, so a rank with one more batch abandons its epoch). So with s
 training epoch starts a pipeline built for that epoch, seeded by (seed, epoch) alone: the same order
 everywhere. (Evaluation reads in stored order and needs no such care.)
 
-Knobs (`LoaderConfig.options`): threads (default: workers, else 2), prefetch (queue depth, default 2),
+Knobs (`LoaderConfig.options`): threads (DALI's CPU thread count; default: `workers`, so `--workers N`
+means N DALI threads here, else 2), prefetch (queue depth, default 2),
 initial_fill (shuffle buffer, default 4096), hw_decoder_load (0-1, default 0.65), skip_bad (bool),
 net (a feedrate.network preset: the link the cache fill sizes its concurrent GETs for; else
 FEEDRATE_NET's, else measured; the choice is in `prefetch_plan`), verify (bool, default true: the
@@ -48,6 +53,7 @@ an error: DALI's decoders have no per-sample error policy.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import re
@@ -62,6 +68,7 @@ import numpy as np
 import torch
 
 from feedrate.errors import FeedrateError
+from loaders.augment import augment, normalize
 from loaders.base import Download, LoaderConfig, batches_for
 from loaders.decode import MAX_LABEL_DIGITS
 from loaders.localcopy import LocalFiles
@@ -168,6 +175,21 @@ def rank_samples(total: int, rank: int, world_size: int) -> int:
     return total * (rank + 1) // world_size - total * rank // world_size
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """torch ops in the block run on the calling thread alone (see the module docstring); the thread
+    count is put back afterwards. Costs about half a microsecond a batch."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _reason(exc: BaseException) -> str:
     """What a DALI error says went wrong, without the traceback of the graph it wraps it in."""
     text = str(exc)
@@ -212,6 +234,7 @@ class DaliLoader:
         self._incomplete = 0  # samples of the split the reader leaves out (no image or no label)
         self._epoch = 0
         self._pipe: Any = None
+        self._augment_gen: torch.Generator | None = None  # the epoch's crops and flips on the CPU
         self._iterator: Any = None
         self._fresh = False  # the current pipeline is at the start of an epoch
         self._built_for = 0  # the epoch the current pipeline was built for
@@ -252,6 +275,7 @@ class DaliLoader:
             device_id=device_id,
             hw_decoder_load=float(self.options.hw_decoder_load),
             skip_incomplete=self.options.skip_bad,
+            augment=device_id is not None,  # on the CPU the batch is augmented here (module docstring)
         )
         self._build()
         if self.options.skip_bad:
@@ -316,6 +340,12 @@ class DaliLoader:
             # this epoch from one order (see the module docstring)
             self._build()
         self._fresh = False
+        self._augment_gen = None
+        if self.cfg.train and not self._spec.augment:
+            self._augment_gen = torch.Generator()
+            self._augment_gen.manual_seed(
+                epoch_seed(self.cfg.seed, self._epoch, self.cfg.rank, stream=AUGMENT)
+            )
         if self._incomplete and self._skips is not None and self.cfg.rank == 0:
             self._skips.skip(self.root.url, [], "it lacks its image or its label", self._incomplete)
         left = self.samples
@@ -363,6 +393,12 @@ class DaliLoader:
             labels = torch.from_numpy(values)
             if self.device.type == "cuda":
                 labels = to_device(labels, self.device)
+            if not self._spec.augment:  # the decoded uint8 NHWC batch, on the CPU
+                with one_torch_thread():
+                    if self._augment_gen is not None:
+                        images = augment(images, self._augment_gen, layout="NHWC")
+                    else:
+                        images = normalize(images, "NHWC")
             return images, labels, read
         return None
 
