@@ -31,7 +31,7 @@ import torch
 
 import loaders
 from feedrate import network
-from feedrate.errors import FeedrateError, run_cli
+from feedrate.errors import CliParser, FeedrateError, run_cli
 from feedrate.manifest import Manifest
 from feedrate.progress import progress
 from loaders.stagetimes import stage_times
@@ -52,14 +52,9 @@ EXIT_INTERRUPTED = 130
 OnBatch = Callable[[EpochTimer, BatchTime], None]  # called after each batch's step
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise FeedrateError(message)  # one line and exit 2 via run_cli, like every other bad input
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=formatter)
+    p = CliParser(prog=PROG, description=__doc__.split("\n\n")[0], formatter_class=formatter)
     p.add_argument("--loader", default="torchvision", help=f"one of: {', '.join(loaders.available())}")
     p.add_argument("--data", default="data/shards", help="dataset root: path, file://, s3:// or cos://")
     p.add_argument("--epochs", type=int, default=1, help="training epochs, each followed by validation")

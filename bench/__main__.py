@@ -38,19 +38,19 @@ import time
 from pathlib import Path
 
 from bench.baseline import describe
-from bench.cli import SHAPED, Parser, parse_ints, parse_list, parse_nets
+from bench.cli import SHAPED, parse_ints, parse_list, parse_nets
 from bench.measure import REPEATS
 from bench.sweep import sweep
 from bench.tables import net_table, peer_table, table
 from bench.variants import LOADERS, STORAGES
 from feedrate import network
-from feedrate.errors import FeedrateError, run_cli
+from feedrate.errors import CliParser, FeedrateError, run_cli
 from feedrate.files import atomic_write_bytes
 from feedrate.manifest import ENCODINGS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="bench", description="Loader-only throughput of every variant.")
+    p = CliParser(prog="bench", description="Loader-only throughput of every variant.")
     p.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated (default: all)")
     p.add_argument("--storage", default=",".join(STORAGES), help="comma-separated: local,s3,cos")
     p.add_argument("--formats", default=",".join(ENCODINGS), help="comma-separated: jpg,png,raw")

@@ -1,24 +1,13 @@
-"""What the bench's two commands (`make bench`, `make compare`) share at their edge: a parser whose usage
-errors are one line, and the comma-separated lists they accept, checked against the accepted names."""
+"""What the bench's two commands (`make bench`, `make compare`) share at their edge: the comma-separated
+lists they accept, checked against the accepted names (their parser is feedrate.errors.CliParser)."""
 
 from __future__ import annotations
-
-import argparse
-from typing import NoReturn
 
 from feedrate import network
 from feedrate.errors import FeedrateError
 
 # The presets a remote read can be shaped as ("loopback" is the unshaped default, never asked for).
 SHAPED = tuple(n for n in network.PRESETS if n != "loopback")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are FeedrateErrors: inside `run_cli` they print as one line and exit
-    with code 2, as every other bad value does (argparse alone prints its usage block first)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise FeedrateError(message)
 
 
 def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:

@@ -23,9 +23,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.cli import Parser, parse_list, parse_nets
+from bench.cli import parse_list, parse_nets
 from feedrate import network
-from feedrate.errors import FeedrateError, run_cli
+from feedrate.errors import CliParser, FeedrateError, run_cli
 from loaders import BACKENDS
 from rig.endpoint import LocalEndpoint, local_endpoint
 
@@ -76,7 +76,7 @@ def sweep_rates(emulate: list[float | None] | None, cuda: bool) -> list[float | 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="compare", description=__doc__)
+    p = CliParser(prog="compare", description=__doc__)
     p.add_argument("--loaders", default=",".join(BACKENDS), help="comma-separated (default: all)")
     p.add_argument("--data", default="data/shards")
     p.add_argument("--epochs", type=int, default=1)

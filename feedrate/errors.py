@@ -9,6 +9,7 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 from collections.abc import Callable
@@ -25,6 +26,15 @@ T = TypeVar("T")
 
 class FeedrateError(Exception):
     """An error whose message alone tells the user what was wrong and what is accepted."""
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse whose usage errors are FeedrateErrors: parsed inside `run_cli`, a bad flag prints as one
+    line and exits with code 2, as every other bad value does (argparse alone prints its usage block
+    first). Every command line of the project uses it."""
+
+    def error(self, message: str) -> NoReturn:
+        raise FeedrateError(message)
 
 
 def fail(prog: str, message: str) -> NoReturn:

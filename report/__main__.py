@@ -8,10 +8,9 @@ AU against an emulated accelerator's rate (au_vs_rate.png) and the data path's t
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from feedrate.errors import run_cli
+from feedrate.errors import CliParser, run_cli
 from report import plots, summary
 from report.runs import find_runs
 
@@ -43,12 +42,12 @@ def build_report(inputs: list[Path], out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="report", description=__doc__)
+    p = CliParser(prog="report", description=__doc__)
     p.add_argument("inputs", nargs="+", type=Path, help="run folders or folders of runs")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the first input)")
-    args = p.parse_args(argv)
 
     def body() -> None:
+        args = p.parse_args(argv)
         out = args.out or (args.inputs[0] if args.inputs[0].is_dir() else args.inputs[0].parent)
         files = build_report(args.inputs, out)
         print((out / "summary.md").read_text())

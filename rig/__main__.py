@@ -12,11 +12,10 @@ pid files still name and removes the state.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 from pathlib import Path
 
-from feedrate.errors import FeedrateError, run_cli
+from feedrate.errors import CliParser, FeedrateError, run_cli
 from rig import locals3, pidfile
 from rig.endpoint import CALLER_CREDENTIALS, LocalEndpoint, start_endpoint
 
@@ -103,12 +102,16 @@ def _down() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="s3-local", description="A local S3 endpoint on 127.0.0.1.")
+    p = CliParser(prog="s3-local", description="A local S3 endpoint on 127.0.0.1.")
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (default: %(default)s)")
     p.add_argument("--net", default="", help="a network preset to shape the endpoint as (feedrate.network)")
-    args = p.parse_args(argv)
-    run_cli("s3-local", lambda: _up(args.bucket, args.net) if args.action == "up" else _down())
+
+    def body() -> None:
+        args = p.parse_args(argv)
+        _up(args.bucket, args.net) if args.action == "up" else _down()
+
+    run_cli("s3-local", body)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ import signal
 import time
 from pathlib import Path
 
-from feedrate.errors import run_cli
+from feedrate.errors import CliParser, run_cli
 from feedrate.manifest import ENCODINGS, SPLITS
 from feedrate.storage import redact_url
 from shardgen.pack import DEFAULT_SHARD_SIZE, ShardgenConfig, build
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="shardgen",
         description="Pack CIFAR-10 into WebDataset tar shards (+ DALI .idx) on local disk, S3 or COS.",
     )
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     # First: from here on SIGTERM (docker stop, timeout, SLURM) unwinds like Ctrl-C. Before this line
     # nothing has been written, so the default action (exit) leaves nothing behind either.
     signal.signal(signal.SIGTERM, _terminate)
-    args = get_args_parser().parse_args(argv)
 
     def body() -> None:
+        args = get_args_parser().parse_args(argv)
         cfg = ShardgenConfig(
             dest=args.dest,
             source=args.source,
