@@ -3,17 +3,12 @@
     python train.py --loader torchvision --data data/shards --epochs 1 --workers 2
     torchrun --standalone --nproc_per_node=2 train.py --loader tensor ...      (make train-cifar NPROC=2)
 
-Each epoch trains on the `train` split, then evaluates on the `test` split (`--max-batches` caps both).
-Writes the seed's CSV (`train.csv`) and `run.json` into `--out` (default: a fresh
-results/runs/<timestamp>-<loader>). Per batch it times the wait on the loader and the step on one clock
-(training.timing); the model, its recipe and the step are in training.models. `--emulate RATE` replaces
-the model with an emulated accelerator that needs batch_size/RATE seconds per step, as MLPerf Storage's
-DLIO does. Under torchrun every process trains on its own part of each split with DDP; how the ranks
-share an epoch out and what only rank 0 does are in training.distributed.
-
-Ctrl-C or SIGTERM, at any point from the start of `main()`, stops the run cleanly (training.interrupts):
-the CSV keeps its complete rows, run.json says "interrupted", temporary copies are removed, and the exit
-code is 130. Bad input is one line on stderr and exit code 2, before anything is written.
+Each epoch trains on `train`, then evaluates on `test`, and writes the seed's CSV and run.json into
+`--out` (training.results); the wait on the loader and the step are timed on one clock (training.timing).
+`--emulate RATE` stands an emulated accelerator in for the model (training.models); under torchrun each
+process trains on its own part of each split (training.distributed). Ctrl-C or SIGTERM, from the start
+of `main()`, stops the run cleanly with exit code 130 (training.interrupts); bad input is one line on
+stderr and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
