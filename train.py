@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/shards", help="dataset root: path, file://, s3:// or cos://")
     p.add_argument("--epochs", type=int, default=1, help="training epochs, each followed by validation")
     p.add_argument("--batch-size", type=int, default=256, help="samples per batch")
-    p.add_argument("--workers", type=int, default=2, help="loader worker processes / threads")
+    p.add_argument("--workers", type=int, default=2, help="the loader's CPU workers (see README, Loaders)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cuda or cpu")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate for batch 256 (scaled)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: a fresh one)")
@@ -75,23 +75,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision on CUDA")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW on CUDA")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad samples (counted in run.json, named)")
     p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="skip bad samples (corrupt, incomplete, bad label): counted in run.json and named on stderr",
+        "--no-verify", dest="verify", action="store_false", help="no sha256 checks (run.json says so)"
     )
     p.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="do not check shards and batch files against the manifest's sha256 (run.json says so)",
-    )
-    p.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT_S,
-        metavar="SECONDS",
-        help="under torchrun: longest wait for the other processes (start, each collective)",
+        "--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S", help="torchrun: peer wait"
     )
     return p
 
