@@ -204,6 +204,38 @@ def test_augmentation_is_a_zero_padded_crop_and_a_flip(datasets: dict[str, Path]
 
 
 @needs_dali
+def test_the_cpu_augmentation_is_fixed_by_the_seed(datasets: dict[str, Path]) -> None:
+    """On the CPU the batch is cropped and flipped by torch, from a generator seeded by (seed, epoch,
+    rank): the same seed gives the same epoch pixel for pixel; another epoch or seed gives others."""
+    epochs = {}
+    for seed, epoch in ((1, 0), (1, 0), (1, 1), (2, 0)):
+        ld = dali(datasets["grad"], batch_size=64, seed=seed)
+        ld.set_epoch(epoch)
+        epochs.setdefault((seed, epoch), []).append(run_epoch(ld)[0])
+    (first, again), other_epoch, other_seed = epochs[(1, 0)], epochs[(1, 1)][0], epochs[(2, 0)][0]
+    assert torch.equal(first, again)
+    by_id = {int(i): x for i, x in zip(pixels(first)[:, 0, 16, 16], first, strict=True)}
+    for images in (other_epoch, other_seed):
+        moved = sum(not torch.equal(by_id[int(pixels(x[None])[0, 0, 16, 16])], x) for x in images)
+        assert moved > len(images) // 2, "a new epoch or seed draws new crops and flips"
+
+
+@needs_dali
+def test_the_cpu_augmentation_leaves_torchs_threads_as_they_were(datasets: dict[str, Path]) -> None:
+    """The batch ops run on one torch thread (DALI's threads hold the cores); the caller's count stands
+    between batches and afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ld = dali(datasets["raw5"], seed=4)
+        for _ in ld:
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_dali
 def test_jpg_decodes_close_to_pil(tmp_path: Path) -> None:
     root = synthetic_jpg(tmp_path / "jpg", n_test=60, shard_size=40)
     images, labels, _ = run_epoch(dali(root, split="test"))
