@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from feedrate.errors import FeedrateError
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
 from loaders.batches import load_split
 from loaders.options import BATCH_READER_OPTIONS, parse_options
@@ -172,10 +173,6 @@ class Prefetch:
         fresh slot takes its place."""
         self._free.put(self._new_slot() if slot.held_elsewhere() else slot)
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
     def stop(self) -> None:
         """Stop the thread (it finishes the batch it is filling) and wait for it; safe to call twice."""
         self._stop.set()
@@ -214,6 +211,7 @@ class TensorLoader:
             self._canvas_image = hp * 2 * wp  # pixels per image of the canvas
             self._row_offsets = torch.arange(h, device=self.device) * self._canvas_row
             self._mirror_base = wp + 2 * pad
+            self._image_shape = (h, w, c)
             del images
         else:
             self._images = images.permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
@@ -291,17 +289,17 @@ class TensorLoader:
             idx = order[k * bs : (k + 1) * bs]
             n = slot.n = len(idx)
             if gen is None:
-                assert self._images is not None, "the loader was closed"
+                assert self._images is not None, "__iter__ checks that the loader is open"
                 crops = self._images[idx]  # (n, C, H, W) uint8
             else:
-                assert self._rows is not None, "the loader was closed"
+                assert self._rows is not None, "__iter__ checks that the loader is open"
                 offsets = torch.randint(0, span, (2, n), generator=gen, device=self.device)
                 flip = torch.rand(n, generator=gen, device=self.device) < 0.5
                 # A flipped crop at column dx is the mirrored half's window at 2*pad - dx.
                 col = torch.where(flip, self._mirror_base - offsets[1], offsets[1])
                 first = idx * self._canvas_image + offsets[0] * self._canvas_row + col  # row 0's start
                 starts = (first[:, None] + self._row_offsets[None, :]).view(-1)
-                crops = self._rows.index_select(0, starts).view(n, 32, 32, 3).permute(0, 3, 1, 2)
+                crops = self._rows.index_select(0, starts).view(n, *self._image_shape).permute(0, 3, 1, 2)
             step = n if self.device.type == "cuda" else NORMALIZE_CHUNK
             for start in range(0, n, step):  # to float32 NCHW, then normalised, a chunk at a time
                 chunk = slot.images[start : min(start + step, n)]
@@ -311,6 +309,8 @@ class TensorLoader:
         return fill
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._images is None and self._rows is None:
+            raise FeedrateError(f"the tensor loader of {self.root.url} was closed; make a new one to read it")
         self._stop_prefetch()  # an abandoned epoch's thread, if its iterator is still alive
         order = self.order()
         fill = self._filler(order)
@@ -326,8 +326,8 @@ class TensorLoader:
     def _prefetched(
         self, batches: int, fill: Callable[[Slot, int], None]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from a `Prefetch` thread; a slot goes back one batch after it was yielded
-        (see the module docstring), and the thread stops when this generator ends in any way."""
+        """The epoch's batches from a `Prefetch` thread; a slot goes back when the batch two after it is
+        taken (see the module docstring), and the thread stops when this generator ends in any way."""
         prefetch = self._prefetch = Prefetch(batches, fill, self._new_slot, AHEAD)
         held: list[Slot] = []
         try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from encoded import decode_identity
 
+from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 from loaders.resident import AHEAD, HELD, Slot
 
@@ -132,6 +133,8 @@ def test_close_and_abandoning_an_epoch_stop_the_thread(root: str) -> None:
     loader.close()
     assert _threads() == []
     loader.close()  # twice is fine
+    with pytest.raises(FeedrateError, match="was closed; make a new one"):
+        next(iter(loader))
 
 
 def _failing(loader, at: int, error: BaseException | None = None, delay: float = 0.0):
