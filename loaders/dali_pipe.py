@@ -6,9 +6,12 @@ host memory. Without a GPU, or with `device="cpu"`, DALI's CPU operators (`devic
 decode, and the batch is cropped, flipped and normalised here by batched torch ops (loaders.augment),
 seeded by (seed, epoch, rank): DALI's per-sample CPU operators cost five times as much at 32x32 (see
 loaders.dali_ops). Those ops run on one torch thread: the cores are DALI's (`threads`), and torch's
-own intra-op threads spinning against DALI's cost ten times the work (measured: 219 against 20 CPU us
-per image). The graph itself is in loaders.dali_ops; this module finds the shards, owns the pipeline's
-lifetime and epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
+own intra-op threads spinning against DALI's cost up to ten times the work (measured on 2 cores with
+torch's default 2 threads: 47-247 against 18-22 CPU us per image; train.py already leaves torch one
+thread per core the workers do not take, and then nothing changes).
+
+The graph itself is in loaders.dali_ops; this module finds the shards, owns the pipeline's lifetime
+and epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
 
 Shards are always read from local disk by DALI's webdataset reader, with shardgen's index files:
 - a local dataset: the files in place;
@@ -178,7 +181,9 @@ def rank_samples(total: int, rank: int, world_size: int) -> int:
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """torch ops in the block run on the calling thread alone (see the module docstring); the thread
-    count is put back afterwards. Costs about half a microsecond a batch."""
+    count is put back afterwards. Costs about half a microsecond a batch. The count is process-wide:
+    the block is meant for the consumer's own thread, between its steps, where no other torch work
+    runs."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield
