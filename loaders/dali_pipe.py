@@ -1,4 +1,5 @@
-"""The `dali` loader: NVIDIA DALI decodes and augments; batches arrive as torch tensors on the device.
+"""The `dali` loader: NVIDIA DALI reads and decodes (on a GPU, augments too); batches arrive as torch
+tensors on the device.
 
 On a GPU, jpg is decoded by nvJPEG (`decoders.image` on device "mixed"), and crop, flip and
 normalisation run on the GPU; DALI's buffers become torch tensors through DLPack, without a trip through
@@ -7,8 +8,8 @@ decode, and the batch is cropped, flipped and normalised here by batched torch o
 seeded by (seed, epoch, rank): DALI's per-sample CPU operators cost five times as much at 32x32 (see
 loaders.dali_ops). Those ops run on one torch thread: the cores are DALI's (`threads`), and torch's
 own intra-op threads spinning against DALI's cost up to ten times the work (measured on 2 cores with
-torch's default 2 threads: 47-247 against 18-22 CPU us per image; train.py already leaves torch one
-thread per core the workers do not take, and then nothing changes).
+torch's default 2 threads: 47-247 against 18-22 CPU us per image; where torch has one thread already,
+as train.py sets it with 2 workers on 2 cores, nothing changes).
 
 The graph itself is in loaders.dali_ops; this module finds the shards, owns the pipeline's lifetime
 and epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
