@@ -8,6 +8,13 @@ never looks inside a backend and never branches on its name.
 A loader that has to fetch data before it can serve batches (the torchvision baseline reading batches
 from S3, a cache filled up front) records each fetch as a `Download`, which train.py writes as the seed
 CSV's type 10 (training data) and 11 (validation data) rows.
+
+Optional: `stage_times()`, where the loader's time goes per stage of its data path (the contract is
+loaders.stagetimes: cumulative `{"wall": {...}, "cpu": {...}}` seconds per stage, summed over readers,
+an absent stage meaning "not separable"). The training loop reads it before and after each epoch
+through `loaders.stagetimes.stage_times`, which treats a loader without it as reporting no stages; so
+it is documented on `Loader` but not declared there (`isinstance(x, Loader)` does not require it).
+The torchvision, wds and tensor loaders implement it.
 """
 
 from __future__ import annotations
@@ -88,6 +95,9 @@ class Loader(Protocol):
         """Counters for run.json: bytes_read, requests, retries, cache_hits, cache_misses, skipped,
         verified_bytes (loaders.stats.LoaderStats)."""
         ...
+
+    # Optional, not declared (see the module docstring): stage_times() -> Snapshot | None, cumulative
+    # wall and CPU seconds per stage since the loader was built (loaders.stagetimes).
 
     def close(self) -> None:
         """Release what the loader holds now rather than at garbage collection: worker processes, a

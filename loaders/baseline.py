@@ -10,6 +10,23 @@ torchvision's own CIFAR10 class is not used: it checks the official md5 of every
 synthetic and custom datasets shardgen writes in the same layout. `CifarArrays` below is the same
 dataset without that check.
 
+Stage times (`stage_times()`, the loaders.stagetimes contract), measured where the work happens:
+- `storage`: zero per epoch, reported as such: the split is read into memory once, when the loader is
+  built (that read is the CSV's type 10/11 row, not an epoch's);
+- `decode`: `Image.fromarray` per sample (the uint8 row to a PIL image: what decoding is here);
+- `augment`: the transform chain per sample (crop, flip, ToTensor, Normalize) and the collate that
+  stacks the samples into a batch;
+- `queue`: the unpickling of each batch in the consumer (its tensors rebuilt from the worker's shared
+  memory: the file descriptor received from the worker and mapped). Receiving the message itself is
+  part of `DataLoader.__next__`, merged with the wait for a worker still making the batch, so it is not
+  counted; with `workers=0` there is no hand-off and the figure stays zero. On CUDA the unpickling and
+  pinning run in DataLoader's pin-memory thread (its CPU time is then that thread's);
+- `transfer`: the host-to-device copies in the consumer (`to_device`).
+Each worker process keeps its own counters (plain floats on its copy of the dataset, a few clock reads
+per sample: tests/stage_cost.py measures what they cost) and sends their increments with every batch
+(`_Collate`); the consumer merges them. Work a worker did for batches never taken (an epoch abandoned
+with batches prefetched) is lost with them.
+
 The split is read by `loaders.batches.load_split`: in place for a local root, fetched (verified by
 sha256, recorded as a type 10/11 download) for `s3://` / `cos://`.
 """
@@ -17,12 +34,21 @@ sha256, recorded as a type 10/11 download) for `s3://` / `cos://`.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    default_collate,
+)
 from torchvision import transforms
 
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
@@ -30,6 +56,7 @@ from loaders.batches import load_split
 from loaders.options import BATCH_READER_OPTIONS, parse_options
 from loaders.seeds import epoch_seed
 from loaders.shards import open_dataset
+from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.transfer import pins, to_device
 
 
@@ -43,19 +70,67 @@ def cifar_transform(train: bool) -> Callable[[Image.Image], torch.Tensor]:
 
 
 class CifarArrays(Dataset):
-    """A map-style dataset over HWC uint8 images: a PIL image per sample, as torchvision's CIFAR10."""
+    """A map-style dataset over HWC uint8 images: a PIL image per sample, as torchvision's CIFAR10.
+
+    It times each sample's two stages into `spent` (decode wall, decode CPU, augment wall, augment CPU
+    seconds since `_Collate` last took them): plain floats of the process it runs in, since every
+    DataLoader worker has its own copy of the dataset and runs one sample at a time."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
         self.images = images
         self.labels = labels
         self.transform = transform
+        self.spent = [0.0, 0.0, 0.0, 0.0]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
         image = Image.fromarray(self.images[index])
-        return self.transform(image), int(self.labels[index])
+        wall1, cpu1 = time.perf_counter(), time.thread_time()
+        out = self.transform(image)
+        wall2, cpu2 = time.perf_counter(), time.thread_time()
+        spent = self.spent
+        spent[0] += wall1 - wall0
+        spent[1] += cpu1 - cpu0
+        spent[2] += wall2 - wall1
+        spent[3] += cpu2 - cpu1
+        return out, int(self.labels[index])
+
+
+class _Unpickled:
+    """A marker that becomes (perf_counter, thread_time) when it is unpickled: one before and one after
+    a batch's tensors in the tuple a worker sends, so the consumer learns how long rebuilding them took
+    (pickle rebuilds a tuple's items in order). Never pickled (workers=0), it stays a marker."""
+
+    def __reduce__(self) -> tuple[Callable[[], tuple[float, float]], tuple]:
+        return _clocks, ()
+
+
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
+class _Collate:
+    """DataLoader's collate_fn: the samples stacked into a batch (timed as `augment`), sent with the
+    stage seconds the process spent on the batch since the last one (`CifarArrays.spent`)."""
+
+    def __init__(self, dataset: CifarArrays) -> None:
+        self.dataset = dataset
+
+    def __call__(self, samples: list[tuple[torch.Tensor, int]]) -> tuple[Any, ...]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        images, labels = default_collate(samples)
+        spent = self.dataset.spent
+        spent[2] += time.perf_counter() - wall
+        spent[3] += time.thread_time() - cpu
+        increments = {
+            "wall": {"decode": spent[0], "augment": spent[2]},
+            "cpu": {"decode": spent[1], "augment": spent[3]},
+        }
+        spent[:] = [0.0, 0.0, 0.0, 0.0]
+        return _Unpickled(), images, labels, _Unpickled(), increments
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -87,6 +162,9 @@ class TorchvisionLoader:
         self.downloads: list[Download] = self._arrays.downloads
         images, labels = self._arrays.images, self._arrays.labels
         self.dataset = CifarArrays(images, labels, cifar_transform(cfg.train))
+        self._stages = StageTimes()
+        for stage in STAGES:  # all separable; storage stays zero (see the module docstring)
+            self._stages.add(stage, 0.0, 0.0)
         # One generator drives both the shuffle and the workers' base seed, so reseeding it in
         # set_epoch makes an epoch's order and augmentation a function of (seed, epoch).
         self._generator = torch.Generator()
@@ -120,6 +198,7 @@ class TorchvisionLoader:
             self.dataset,
             batch_size=cfg.batch_size,
             sampler=self.sampler,
+            collate_fn=_Collate(self.dataset),
             num_workers=cfg.workers,
             pin_memory=pins(self.device),
             drop_last=False,
@@ -133,8 +212,18 @@ class TorchvisionLoader:
         return batches_for(self.samples, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self._loader:
-            yield to_device(images, self.device), to_device(labels, self.device)
+        stages = self._stages
+        for start, images, labels, end, increments in self._loader:
+            stages.merge(increments)
+            if isinstance(start, tuple):  # unpickled: the hand-off from a worker process
+                stages.add("queue", max(0.0, end[0] - start[0]), max(0.0, end[1] - start[1]))
+            with stages.timed("transfer"):
+                images, labels = to_device(images, self.device), to_device(labels, self.device)
+            yield images, labels
+
+    def stage_times(self) -> Snapshot:
+        """Cumulative stage seconds since the loader was built, the workers' included (module docstring)."""
+        return self._stages.snapshot()
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffle: the same (seed, epoch) gives the same order.

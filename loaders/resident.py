@@ -27,6 +27,14 @@ Where the batches are prepared:
   next epoch (its order depends on `set_epoch`); it stops when the epoch ends, is abandoned, or
   `close()` is called, and an exception in it is raised in the consumer.
 
+Stage times (`stage_times()`, the loaders.stagetimes contract): `augment` is the preparation of each
+batch (gather, crop, flip, float conversion, normalisation, labels) -- in the CPU thread, or on CUDA the
+CPU's side of queueing those kernels in `next()` (the GPU runs them behind the step: their GPU time is
+the step's); `queue` is the consumer taking a batch the CPU thread has ready (a wait for one still
+being prepared is not counted). `storage`, `decode` and `transfer` are zero per epoch, and reported as
+such: the split was read, unpickled and copied to the device once, when the loader was built (the
+CSV's type 10/11 row); no epoch reads, decodes or copies anything from the host.
+
 A yielded CPU batch lives in a ring buffer that is refilled two batches later, unless something still
 holds it then (a reference to the tensors, a view of them, a numpy array over them): such a buffer is
 left to its holder and replaced by a fresh one, so a caller that keeps batches (`list(loader)`) never
@@ -50,6 +58,7 @@ from loaders.batches import load_split
 from loaders.options import BATCH_READER_OPTIONS, parse_options
 from loaders.seeds import AUGMENT, ORDER, epoch_seed
 from loaders.shards import open_dataset
+from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.transfer import to_device
 
 # Batches the CPU thread prepares ahead of the consumer: two hide one slow preparation behind a step
@@ -110,8 +119,14 @@ class Prefetch:
     `get()`. Slots are made by `new_slot`; `give_back` returns one the consumer no longer uses."""
 
     def __init__(
-        self, batches: int, fill: Callable[[Slot, int], None], new_slot: Callable[[], Slot], ahead: int
+        self,
+        batches: int,
+        fill: Callable[[Slot, int], None],
+        new_slot: Callable[[], Slot],
+        ahead: int,
+        stages: StageTimes | None = None,
     ) -> None:
+        self._stages = stages  # fill counted as `augment`, a ready batch's hand-off as `queue`
         self._fill = fill
         self._new_slot = new_slot
         self._room = threading.Semaphore(ahead)  # batches prepared and not yet taken
@@ -131,7 +146,11 @@ class Prefetch:
                 slot = self._next_slot()
                 if slot is None:
                     return
-                self._fill(slot, k)
+                if self._stages is None:
+                    self._fill(slot, k)
+                else:
+                    with self._stages.timed("augment"):
+                        self._fill(slot, k)
                 self._ready.put(slot)
             self._ready.put(END)
         except BaseException as exc:  # everything reaches the consumer
@@ -151,10 +170,10 @@ class Prefetch:
 
     def get(self) -> Slot | None:
         """The next prepared batch, or None after the last; the thread's exception is raised here."""
-        while True:
+        item = self._ready_now()
+        while item is None:
             try:
                 item = self._ready.get(timeout=POLL_S)
-                break
             except queue.Empty:
                 if not self._thread.is_alive() and self._ready.empty():
                     raise RuntimeError(
@@ -167,6 +186,16 @@ class Prefetch:
         self._room.release()
         assert isinstance(item, Slot)
         return item
+
+    def _ready_now(self) -> object | None:
+        """The next item when it is ready already (its hand-off timed as `queue`), else None."""
+        try:
+            if self._stages is None:
+                return self._ready.get_nowait()
+            with self._stages.timed("queue"):
+                return self._ready.get_nowait()
+        except queue.Empty:
+            return None
 
     def give_back(self, slot: Slot) -> None:
         """Return a slot the consumer is done with; one still held elsewhere is left to its holder and a
@@ -232,6 +261,9 @@ class TensorLoader:
         self._stats = arrays.stats()
         self._epoch = 0
         self._prefetch: Prefetch | None = None  # the CPU thread of the epoch being read, if any
+        self._stages = StageTimes()
+        for stage in STAGES:  # all separable; storage, decode and transfer stay zero (module docstring)
+            self._stages.add(stage, 0.0, 0.0)
         # Ranks take every world_size-th sample of one shared permutation: disjoint, and together
         # the whole split.
         self.samples = len(range(cfg.rank, self._n, cfg.world_size))
@@ -244,6 +276,10 @@ class TensorLoader:
 
     def stats(self) -> dict[str, int]:
         return self._stats.as_dict()
+
+    def stage_times(self) -> Snapshot:
+        """Cumulative stage seconds since the loader was built (see the module docstring)."""
+        return self._stages.snapshot()
 
     def close(self) -> None:
         """Stop the CPU thread, then free the resident split now (on a GPU, its memory goes back to the
@@ -318,7 +354,8 @@ class TensorLoader:
         if self.device.type == "cuda":  # asynchronous already: kernels queued behind the step
             for k in range(batches):
                 slot = self._new_slot()
-                fill(slot, k)
+                with self._stages.timed("augment"):
+                    fill(slot, k)
                 yield slot.images[: slot.n], slot.labels[: slot.n]
             return
         yield from self._prefetched(batches, fill)
@@ -328,7 +365,7 @@ class TensorLoader:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from a `Prefetch` thread; a slot goes back when the batch two after it is
         taken (see the module docstring), and the thread stops when this generator ends in any way."""
-        prefetch = self._prefetch = Prefetch(batches, fill, self._new_slot, AHEAD)
+        prefetch = self._prefetch = Prefetch(batches, fill, self._new_slot, AHEAD, self._stages)
         held: list[Slot] = []
         try:
             while (slot := prefetch.get()) is not None:

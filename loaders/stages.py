@@ -6,6 +6,12 @@ out, count it and name it on stderr (`SkipLog`), never silently.
              (one read)   (a thread    (shuffle  (uint8     (augment or
                           ahead)       buffer)   batches)   normalise)
 
+Stage times (loaders.stagetimes), when the reader passes a `StageTimes`: `prefetched` counts the
+reader's wait for a shard's bytes as `storage` (the fetch itself runs in a pool thread, which adds its
+CPU seconds: see streaming.reader_messages); `drawn` counts the shuffle buffer's draws as `augment`
+(batching); `decoded` counts building each uint8 batch and its labels as `decode`; `transformed` counts
+crop, flip and normalise as `augment`. One timed span per batch or shard, never per sample.
+
 Samples are never Python objects of their own: a loaded unit is one buffer plus index arrays, the
 shuffle buffer is two integer arrays, and each stage works a batch at a time.
 
@@ -20,6 +26,7 @@ Storage that cannot be reached is never "bad data": it fails after its retry bud
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from collections import deque
@@ -36,6 +43,7 @@ from loaders.augment import augment, normalize
 from loaders.decode import DecodeError, Decoder, label_problem, parse_labels
 from loaders.partition import Unit
 from loaders.shards import ShardFetcher, ShardRef
+from loaders.stagetimes import StageTimes
 
 WARN_LINES = 10  # skips named on stderr per process; later ones are counted only
 
@@ -210,6 +218,7 @@ def prefetched(
     depth: int | Callable[[], int],
     ready: Sequence[Future] = (),
     spill: tuple[Sequence[Any], list[Future]] | None = None,
+    stages: StageTimes | None = None,
 ) -> Iterator:
     """`load(item)` for each item, in order, with up to `depth` loads running ahead in `pool`.
 
@@ -219,14 +228,22 @@ def prefetched(
     each load taken out is replaced by one of the next items', so as many loads stay in flight across
     the boundary as within it (the caller hands `spill`'s loads to the next pass as its `ready`); an
     item still loading for this pass is not started again until that load is done.
+    `stages`: the wait for each load's result is counted as `storage` (what the loads cost the reader).
     """
+
+    def result(future: Future) -> Any:
+        if stages is None:
+            return future.result()
+        with stages.timed("storage"):
+            return future.result()
+
     want = depth if callable(depth) else lambda: depth
     items = list(items)
     pending: deque[tuple[Any, Future]] = deque(zip(items, ready, strict=False))
     for item in items[len(ready) :]:
         pending.append((item, pool.submit(load, item)))
         while len(pending) > want():
-            yield pending.popleft()[1].result()
+            yield result(pending.popleft()[1])
     while pending:
         if spill is not None:
             following, started = spill
@@ -235,20 +252,26 @@ def prefetched(
                 if any(item == nxt and not future.done() for item, future in pending):
                     break  # the same item is still loading for this pass: one fetch of it at a time
                 started.append(pool.submit(load, nxt))
-        yield pending.popleft()[1].result()
+        yield result(pending.popleft()[1])
 
 
 Draw = list[tuple[LoadedUnit, np.ndarray]]  # one batch: (unit, positions in it) groups
 
 
 def drawn(
-    loaded: Iterable[LoadedUnit], batch: int, buffer: int, rng: np.random.Generator | None
+    loaded: Iterable[LoadedUnit],
+    batch: int,
+    buffer: int,
+    rng: np.random.Generator | None,
+    stages: StageTimes | None = None,
 ) -> Iterator[Draw]:
     """Batches drawn at random from a buffer of >= `buffer` samples (in order when `rng` is None).
 
     The buffer is two arrays (unit number, position) rather than a Python object per sample; a unit's
-    bytes are dropped as soon as its last sample has been drawn.
+    bytes are dropped as soon as its last sample has been drawn. `stages`: the buffer's work (adding a
+    unit, each draw) is counted as `augment` (batching).
     """
+    span = stages.timed if stages is not None else _untimed
     units: list[LoadedUnit | None] = []
     left: list[int] = []
     owner = np.zeros(0, dtype=np.int64)
@@ -257,16 +280,27 @@ def drawn(
         usable = unit.usable
         if not len(usable):
             continue  # every sample of it was skipped
-        units.append(unit)
-        left.append(len(usable))
-        owner = np.concatenate([owner, np.full(len(usable), len(units) - 1)])
-        position = np.concatenate([position, usable])
+        with span("augment"):
+            units.append(unit)
+            left.append(len(usable))
+            owner = np.concatenate([owner, np.full(len(usable), len(units) - 1)])
+            position = np.concatenate([position, usable])
         while len(owner) >= buffer + batch:
-            owner, position, draw = _take(units, left, owner, position, batch, rng)
+            with span("augment"):
+                owner, position, draw = _take(units, left, owner, position, batch, rng)
             yield draw
     while len(owner):
-        owner, position, draw = _take(units, left, owner, position, batch, rng)
+        with span("augment"):
+            owner, position, draw = _take(units, left, owner, position, batch, rng)
         yield draw
+
+
+_UNTIMED = contextlib.nullcontext()
+
+
+def _untimed(stage: str) -> contextlib.AbstractContextManager:
+    """No stage timing (a reader without a StageTimes)."""
+    return _UNTIMED
 
 
 def _take(
@@ -294,37 +328,57 @@ def _take(
 
 
 def decoded(
-    draws: Iterable[Draw], decoder: Decoder, with_keys: bool, skips: SkipLog | None = None
+    draws: Iterable[Draw],
+    decoder: Decoder,
+    with_keys: bool,
+    skips: SkipLog | None = None,
+    stages: StageTimes | None = None,
 ) -> Iterator[tuple]:
     """(uint8 images, int64 labels, keys or None) per draw; a bad image names its shard and key, or
-    (with `skips`) is left out of its batch and counted, and the rest of the batch is decoded again."""
+    (with `skips`) is left out of its batch and counted, and the rest of the batch is decoded again.
+    `stages`: each batch's decoding, labels and keys are counted as `decode`."""
+    span = stages.timed if stages is not None else _untimed
     for draw in draws:
-        images = None
-        while draw:
-            try:
-                images = decoder([unit.part(positions) for unit, positions in draw])
-                break
-            except DecodeError as exc:
-                unit, position = _locate(draw, exc.position)
-                if skips is None:
-                    raise ShardError(
-                        f"{unit.url}: sample {unit.key(position)}: cannot decode ({exc.cause})"
-                    ) from None
-                skips.skip(unit.url, [unit.key(position)], f"cannot decode ({exc.cause})")
-                draw = _without(draw, exc.position)
-        if images is None:
-            continue  # every sample of the draw was skipped
-        labels = torch.from_numpy(np.concatenate([unit.labels[positions] for unit, positions in draw]))
-        keys = [unit.key(p) for unit, positions in draw for p in positions.tolist()] if with_keys else None
-        yield images, labels, keys
+        with span("decode"):
+            batch = _decode_draw(draw, decoder, with_keys, skips)
+        if batch is not None:
+            yield batch
+
+
+def _decode_draw(draw: Draw, decoder: Decoder, with_keys: bool, skips: SkipLog | None) -> tuple | None:
+    """One draw's batch (see `decoded`), or None when every sample of it was skipped."""
+    images = None
+    while draw:
+        try:
+            images = decoder([unit.part(positions) for unit, positions in draw])
+            break
+        except DecodeError as exc:
+            unit, position = _locate(draw, exc.position)
+            if skips is None:
+                raise ShardError(
+                    f"{unit.url}: sample {unit.key(position)}: cannot decode ({exc.cause})"
+                ) from None
+            skips.skip(unit.url, [unit.key(position)], f"cannot decode ({exc.cause})")
+            draw = _without(draw, exc.position)
+    if images is None:
+        return None  # every sample of the draw was skipped
+    labels = torch.from_numpy(np.concatenate([unit.labels[positions] for unit, positions in draw]))
+    keys = [unit.key(p) for unit, positions in draw for p in positions.tolist()] if with_keys else None
+    return images, labels, keys
 
 
 def transformed(
-    batches: Iterable[tuple], train: bool, layout: str, generator: torch.Generator
+    batches: Iterable[tuple],
+    train: bool,
+    layout: str,
+    generator: torch.Generator,
+    stages: StageTimes | None = None,
 ) -> Iterator[tuple]:
-    """Batches augmented (training) or only normalised, as float32 NCHW."""
+    """Batches augmented (training) or only normalised, as float32 NCHW (`stages`: counted as `augment`)."""
+    span = stages.timed if stages is not None else _untimed
     for images, labels, keys in batches:
-        out = augment(images, generator, layout) if train else normalize(images, layout)
+        with span("augment"):
+            out = augment(images, generator, layout) if train else normalize(images, layout)
         yield out, labels, keys
 
 

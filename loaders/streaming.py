@@ -83,6 +83,18 @@ current depths, summed, in `stats()["prefetch_depth"]`. Remote training readers 
 the epoch boundary: once the last shard of an epoch is on its way, the first shards of the next one
 are fetched too, so an epoch does not open with a wait (not with `skip_bad`, whose skips are counted
 in the epoch that loads them, nor with `cache_dir`, whose later epochs read local copies).
+Stage times (`stage_times()`, the loaders.stagetimes contract; cumulative, summed over the readers):
+- `storage`: a reader's wait for a shard's bytes (wall), and the fetch threads' CPU seconds reading,
+  hashing and checking them, retries and backoff included (the fetch runs in the reader's pool, ahead:
+  its wall time is what the reader did not have to wait, so only the wait counts as wall);
+- `decode`: bytes to each uint8 batch and its labels (decode.py), per batch;
+- `augment`: the shuffle buffer's draws (batching), crop, flip and normalise -- in the readers, or with
+  `augment_at=device` (or `--workers 0`) in the consumer -- and the joining of short batches;
+- `transfer`: host-to-device copies in the consumer, and pinning by a reader (CUDA);
+- `queue`: the consumer taking a batch already waiting in a reader's queue (handoff.py), not its wait
+  for one still being made.
+One timed span per batch or shard (a few microseconds per batch of 256: measured in tests/stage_cost.py).
+
 Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
 from (about 2 at the default sizes), and up to QUEUE_DEPTH batches waiting for the consumer; no second
 copy of torch, since readers are threads.
@@ -92,6 +104,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,6 +127,7 @@ from loaders.partition import Unit, rank_units, worker_units
 from loaders.seeds import AUGMENT, ORDER, epoch_seed
 from loaders.shards import DatasetRoot, ShardFetcher, ShardRef, open_dataset
 from loaders.stages import LoadedUnit, SkipLog, decoded, drawn, load_unit, prefetched, transformed
+from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.stats import LoaderStats
 from loaders.transfer import pins, to_device
 
@@ -185,7 +199,8 @@ class _ReaderState:
     """Per-reader resources, kept across epochs: a store client of its own (its counters are this
     reader's), a fetch thread pool, a skip log, and the loads read ahead into the next epoch."""
 
-    def __init__(self, spec: StreamSpec) -> None:
+    def __init__(self, spec: StreamSpec, stages: StageTimes) -> None:
+        self.stages = stages  # the loader's: every reader adds to it
         store = open_store(spec.url, endpoint_url=spec.endpoint_url)
         self.fetcher = ShardFetcher(DatasetRoot(store, spec.manifest), spec.cache_dir, spec.options.verify)
         # A measured link is re-measured on the shard GETs themselves and the depth follows (`depth`),
@@ -270,9 +285,17 @@ def reader_messages(
     units = worker_units(spec.units, worker, workers, epoch, spec.seed, shuffle=spec.train)
     classes = len(spec.manifest.class_names)
 
+    stages = state.stages
+
     def load(unit: Unit) -> LoadedUnit:
+        # in a fetch thread: its CPU seconds are storage's; its wall time is the reader's only where the
+        # reader waits for it (counted by `prefetched`)
         ref, index, unusable = spec.refs[unit.shard], spec.indexes[unit.shard], spec.unusable[unit.shard]
-        return load_unit(unit, ref, index, state.fetcher, classes, state.skips, unusable)
+        cpu = time.thread_time()
+        try:
+            return load_unit(unit, ref, index, state.fetcher, classes, state.skips, unusable)
+        finally:
+            stages.add("storage", 0.0, time.thread_time() - cpu)
 
     ready: list[Future] = []
     spill = None
@@ -280,19 +303,30 @@ def reader_messages(
         ready = state.take_ahead(epoch, units)
         following = worker_units(spec.units, worker, workers, epoch + 1, spec.seed, shuffle=spec.train)
         spill = state.spill_to(epoch + 1, following)
-    loaded = prefetched(units, load, state.pool, state.current_depth, ready, spill)
+    loaded = prefetched(units, load, state.pool, state.current_depth, ready, spill, stages)
     rng = (
         np.random.default_rng(epoch_seed(spec.seed, epoch, spec.rank, worker, ORDER)) if spec.train else None
     )
     buffer = spec.options.shuffle_buffer if spec.train else 0
-    batches = decoded(drawn(loaded, spec.batch_size, buffer, rng), decoder, spec.options.keys, state.skips)
+    batches = decoded(
+        drawn(loaded, spec.batch_size, buffer, rng, stages), decoder, spec.options.keys, state.skips, stages
+    )
     if spec.augment_in_reader:
         seed = epoch_seed(spec.seed, epoch, spec.rank, worker, AUGMENT)
-        batches = transformed(batches, spec.train, decoder.layout, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        batches = transformed(batches, spec.train, decoder.layout, generator, stages)
     elif spec.pin:
-        batches = ((images.pin_memory(), labels, keys) for images, labels, keys in batches)
+        batches = _pinned(batches, stages)
     yield from batches
     yield EpochDone(state.stats().skipped - skipped_before)
+
+
+def _pinned(batches: Iterator[tuple], stages: StageTimes) -> Iterator[tuple]:
+    """uint8 batches bound for CUDA, pinned by the reader (counted as `transfer`)."""
+    for images, labels, keys in batches:
+        with stages.timed("transfer"):
+            images = images.pin_memory()
+        yield images, labels, keys
 
 
 # -- the loader ------------------------------------------------------------------------------------
@@ -415,6 +449,7 @@ class WdsLoader:
         self._states: list[_ReaderState] = []  # one per reader, made on first use, kept across epochs
         self._threads: ReaderThreads | None = None  # the reader threads of the pass under way
         self._epoch_skipped = 0  # samples the readers skipped in the epoch being read
+        self._stages = StageTimes()  # every reader's and the consumer's stage seconds (module docstring)
 
     def __len__(self) -> int:
         return batches_for(self.samples, self.cfg.batch_size)
@@ -446,6 +481,15 @@ class WdsLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def stage_times(self) -> Snapshot:
+        """Cumulative wall and CPU seconds per stage since the loader was built (loaders.stagetimes);
+        every stage is separable here, so all five are reported (zero until first used)."""
+        snapshot = self._stages.snapshot()
+        for kind in snapshot.values():
+            for stage in STAGES:
+                kind.setdefault(stage, 0.0)
+        return snapshot
+
     def stats(self) -> dict[str, int]:
         """The index reads made here and every reader's counters, summed."""
         total = self._fetcher.stats(prefetch_depth=0)
@@ -464,7 +508,7 @@ class WdsLoader:
         reader run in this thread."""
         workers = self.cfg.workers
         if not self._states:
-            self._states = [_ReaderState(self._spec) for _ in range(max(1, workers))]
+            self._states = [_ReaderState(self._spec, self._stages) for _ in range(max(1, workers))]
         self._stop_readers()  # a pass abandoned earlier: its readers share the states
         if workers == 0:
             return reader_messages(self._spec, self._decoder, 0, 1, self._epoch, self._states[0])
@@ -472,7 +516,7 @@ class WdsLoader:
             functools.partial(reader_messages, self._spec, self._decoder, w, workers, self._epoch, state)
             for w, state in enumerate(self._states)
         ]
-        self._threads = ReaderThreads(jobs, QUEUE_DEPTH, name="wds-reader")
+        self._threads = ReaderThreads(jobs, QUEUE_DEPTH, name="wds-reader", stages=self._stages)
         return iter(self._threads)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Any]]:
@@ -493,7 +537,10 @@ class WdsLoader:
                     yielded += sum(len(rest[1]) for rest in batches)
                     self._check_epoch(yielded)
                     checked = True
-                yield self._finish(images, labels, generator), to_device(labels, self.device), keys
+                images = self._finish(images, labels, generator)
+                with self._stages.timed("transfer"):
+                    labels = to_device(labels, self.device)
+                yield images, labels, keys
             if not checked:
                 self._check_epoch(yielded)
         finally:
@@ -529,19 +576,24 @@ class WdsLoader:
             pending.append(message)
             have += len(message[1])
             while have >= size:
-                batch, pending = _cut(pending, size)
+                with self._stages.timed("augment"):  # batching, in the consumer
+                    batch, pending = _cut(pending, size)
                 have -= size
                 yield batch
         if pending:
-            yield _cut(pending, have)[0]
+            with self._stages.timed("augment"):
+                last = _cut(pending, have)[0]
+            yield last
 
     def _finish(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        images = to_device(images, self.device)
+        with self._stages.timed("transfer"):
+            images = to_device(images, self.device)
         if self._augment_in_reader:
             return images
-        if self.cfg.train:
-            return augment(images, generator, self._layout)
-        return normalize(images, self._layout)
+        with self._stages.timed("augment"):
+            if self.cfg.train:
+                return augment(images, generator, self._layout)
+            return normalize(images, self._layout)
 
 
 def _cut(pending: list[tuple], size: int) -> tuple[tuple, list[tuple]]:
