@@ -71,10 +71,10 @@ batch, against 18-87 process CPU us per image for raw to png loader-only; whole 
 without it (2 threads, medians of 8 alternating passes) ran 18.8 and 18.7 us per image, inside their
 +-3 us spread. The stages add up to 56-78% of the process's CPU over an epoch (png 60 of 87 us, jpg 44
 of 77, raw 14 of 18): the rest is mostly DALI's threads working ahead while the consumer augments,
-which no stage holds (see `decode` above). training.stages' what-if model takes decode and augment for
-reader stages that `workers` readers run side by side ahead of the step; here augment is on the
-consumer's path and decode is already a wait on all of DALI's threads, so its feed figures overstate
-this loader (train.py, raw, 2 threads, --emulate 100000: a feed of 57k img/s against 21k delivered).
+which no stage holds (see `decode` above). All three stages are the consumer's (the step waits for
+them), and they are marked so (`consumer=True`, loaders.stagetimes): training.stages' what-if figures
+then do not divide them by the reader count as if readers ran them ahead of the step (unmarked, the
+raw feed figure at --emulate 100000 read 57k img/s against 21k delivered).
 
 Bad data: DALI's own errors name neither the shard nor the sample (a sample without a label is "an
 underful sample at index line N", an undecodable image is a batch position), so when the pipeline fails
@@ -423,7 +423,9 @@ class DaliLoader:
                 continue  # only padding: a shorter rank's extra batch
             read = images.shape[0]
             # On the CPU the label parsing counts under augment; on a GPU augment is DALI's (docstring)
-            with self._stages.timed("augment") if not self._spec.augment else contextlib.nullcontext():
+            # every stage here is in the consumer's thread: the step waits for it (loaders.stagetimes)
+            on_cpu = not self._spec.augment
+            with self._stages.timed("augment", consumer=True) if on_cpu else contextlib.nullcontext():
                 images, values = self._checked_labels(images, out["labels"].numpy())
                 if not self._spec.augment:  # the decoded uint8 NHWC batch, on the CPU
                     with one_torch_thread():
@@ -431,7 +433,7 @@ class DaliLoader:
                             images = augment(images, self._augment_gen, layout="NHWC")
                         else:
                             images = normalize(images, "NHWC")
-            with self._stages.timed("transfer"):
+            with self._stages.timed("transfer", consumer=True):
                 labels = torch.from_numpy(values)
                 if self.device.type == "cuda":
                     labels = to_device(labels, self.device)
@@ -459,7 +461,7 @@ class DaliLoader:
         try:
             yield
         finally:
-            self._stages.add("decode", time.perf_counter() - wall, time.process_time() - cpu)
+            self._stages.add("decode", time.perf_counter() - wall, time.process_time() - cpu, consumer=True)
 
     def stage_times(self) -> Snapshot:
         """Cumulative seconds per stage since the loader was built (loaders.stagetimes; which stages and

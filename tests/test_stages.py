@@ -169,6 +169,26 @@ def test_what_if_arithmetic_on_constructed_numbers() -> None:
     assert stages.what_if({"storage": 1.0}, 1000, 1)["cached"]["img_per_s"] is None  # nothing left to time
 
 
+def test_stages_a_loader_marks_as_the_consumers_are_not_shared_out_over_readers() -> None:
+    # DALI's CPU path: the consumer waits 1.5 s on the pipeline (decode) and augments for 0.5 s itself.
+    wall = {"decode": 1.5, "augment": 0.5, "transfer": 0.0}
+    marked = stages.what_if(wall, samples=1000, readers=2, consumer=dict(wall))
+    assert marked["feed_img_per_s"] == pytest.approx(1000 / 2.0)  # not (1.5 + 0.5) / 2 readers
+    assert marked["twice_readers"]["img_per_s"] == pytest.approx(1000 / 2.0)  # more readers: no help
+    assert marked["consumer_stages"] == ["augment", "decode"]
+    unmarked = stages.what_if(wall, samples=1000, readers=2)
+    assert unmarked["feed_img_per_s"] == pytest.approx(1000 / 1.0) and unmarked["consumer_stages"] == []
+    # the counter records the marking, and an epoch's difference keeps it
+    counter = StageTimes()
+    counter.add("decode", 1.0, 0.5, consumer=True)
+    counter.add("augment", 2.0, 2.0)
+    before = counter.snapshot()
+    counter.add("decode", 0.5, 0.1, consumer=True)
+    epoch = stages.between(before, counter.snapshot())
+    assert epoch is not None and epoch["consumer"] == {"decode": 0.5} and epoch["wall"]["augment"] == 0.0
+    assert validate(counter.snapshot(), "t")["consumer"] == {"decode": 1.5}
+
+
 def test_under_ddp_the_job_sums_the_ranks_and_each_rank_keeps_its_own() -> None:
     a = stats(5.0, 2.0, 1000, {"wall": {"decode": 3.0, "queue": 1.0}, "cpu": {"decode": 2.0}})
     b = stats(5.0, 2.0, 1000, {"wall": {"decode": 1.0, "queue": 1.5}, "cpu": {"decode": 1.0}})

@@ -12,7 +12,8 @@ The verdict (`verdict`), per epoch of `train` or `val`:
 
 The what-if figures (`what_if`) rest on one model of the data path, written into run.json beside them
 (MODEL): the readers run the reader stages (storage, decode, augment) side by side and ahead of the step
-(prefetching), while the consumer's per-batch work (transfer, queue) is in the step's path. So the
+(prefetching), while the consumer's per-batch work (transfer, queue; a loader whose consumer does more
+marks those seconds, loaders.stagetimes `consumer`) is in the step's path. So the
 readers feed at most samples / max(reader-stage seconds / readers, consumer-stage seconds), and at an
 accelerator rate A the wall time per image is max(1/A + c, p), with p and c the reader and consumer
 seconds per image: AU >= 90% holds while 1/A >= 9c and 1/A >= 0.9p. Stages a loader does not report
@@ -25,23 +26,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from feedrate.errors import FeedrateError
-from loaders.stagetimes import STAGES, Snapshot
+from loaders.stagetimes import CONSUMER, STAGES, Snapshot
 
 COMPUTE_BOUND = 0.05  # data wait below this share of the step time: the accelerator is the bottleneck
 AU_TARGET = 0.90  # MLPerf Storage's pass line, as report.summary.AU_PASS
-READER_STAGES = ("storage", "decode", "augment")
 CONSUMER_STAGES = ("transfer", "queue")
 VERDICTS = (*STAGES, "compute")
 MODEL = (
-    "readers run storage, decode and augment side by side and ahead of the step; transfer and queue are "
-    "in the consumer's path, once per batch. feed = samples / max(reader-stage s / readers, "
-    "consumer-stage s); at accelerator rate A an image takes max(1/A + consumer s, reader s / readers)"
+    "readers run their stages side by side and ahead of the step; the consumer's stages (transfer and "
+    "queue, unless the loader marks others: consumer_stages) are in the step's path, once per batch. "
+    "feed = samples / max(reader-stage s / readers, consumer-stage s); at accelerator rate A an image "
+    "takes max(1/A + consumer s, reader s / readers)"
 )
 ASSUMPTIONS = {
     "cached": "the storage stage removed (the data served from a local cache at no cost); "
     "every other stage as measured",
     "twice_readers": "twice the readers, each on a core of its own, scaling perfectly: the reader stages' "
-    "time halves; the consumer's transfer and queue do not",
+    "time halves; the consumer's stages (consumer_stages) do not",
     "au90_accelerator": "the accelerator rate (img/s per accelerator) above which this data path, as "
     "measured, keeps it busy less than 90% of the time",
 }
@@ -56,7 +57,7 @@ def between(before: Snapshot | None, after: Snapshot | None) -> Snapshot | None:
     if before is None or after is None:
         return None
     out: Snapshot = {}
-    for kind in ("wall", "cpu"):
+    for kind in ("wall", "cpu", CONSUMER) if CONSUMER in after else ("wall", "cpu"):
         now, then = after.get(kind, {}), before.get(kind, {})
         out[kind] = {}
         for stage, seconds in now.items():
@@ -76,9 +77,13 @@ def summed(snapshots: Sequence[Snapshot | None]) -> Snapshot | None:
     if not known:
         return None
     out: Snapshot = {"wall": {}, "cpu": {}}
+    if any(CONSUMER in snap for snap in known):
+        out[CONSUMER] = {}
     for snap in known:
         for kind in out:
-            for stage, seconds in snap.get(kind, {}).items():
+            # a rank that marks no consumer stages has the default ones (transfer, queue)
+            part = snap.get(kind, {}) if kind != CONSUMER else consumer_part(snap["wall"], snap.get(CONSUMER))
+            for stage, seconds in part.items():
                 out[kind][stage] = out[kind].get(stage, 0.0) + seconds
     return {kind: {s: out[kind][s] for s in STAGES if s in out[kind]} for kind in out}
 
@@ -97,47 +102,85 @@ def verdict(
     return stage, wall[stage] / total
 
 
-def feed_rate(wall: Mapping[str, float], samples: int, readers: int, consumers: int = 1) -> float | None:
-    """Images/s the data path could deliver with the step taking no time (MODEL); None if unknown."""
-    reader = sum(wall.get(s, 0.0) for s in READER_STAGES) / readers
-    consumer = sum(wall.get(s, 0.0) for s in CONSUMER_STAGES) / consumers
-    slowest = max(reader, consumer)
+def consumer_part(wall: Mapping[str, float], consumer: Mapping[str, float] | None) -> dict[str, float]:
+    """The wall seconds per stage on the consumer's path: what the loader marked (`consumer`), else the
+    default consumer stages (transfer, queue) whole."""
+    if consumer is not None:
+        return {s: min(wall.get(s, 0.0), v) for s, v in consumer.items()}
+    return {s: wall[s] for s in CONSUMER_STAGES if s in wall}
+
+
+def _split(wall: Mapping[str, float], consumer: Mapping[str, float] | None) -> tuple[float, float]:
+    """(reader seconds, consumer seconds) of an epoch's stages."""
+    on_consumer = sum(consumer_part(wall, consumer).values())
+    return max(0.0, sum(wall.values()) - on_consumer), on_consumer
+
+
+def feed_rate(
+    wall: Mapping[str, float],
+    samples: int,
+    readers: int,
+    consumers: int = 1,
+    consumer: Mapping[str, float] | None = None,
+) -> float | None:
+    """Images/s the data path could deliver with the step taking no time (MODEL); None if unknown.
+    `consumer`: the loader's own split of the stages onto the consumer's path (loaders.stagetimes)."""
+    reader_s, consumer_s = _split(wall, consumer)
+    slowest = max(reader_s / readers, consumer_s / consumers)
     return samples / slowest if samples and slowest > 0 else None
 
 
-def au90_rate(wall: Mapping[str, float], samples: int, readers: int, ranks: int = 1) -> float | None:
+def au90_rate(
+    wall: Mapping[str, float],
+    samples: int,
+    readers: int,
+    ranks: int = 1,
+    consumer: Mapping[str, float] | None = None,
+) -> float | None:
     """The accelerator rate (img/s per accelerator) where AU falls below AU_TARGET under MODEL."""
     if not samples:
         return None
     # Seconds per image each accelerator waits for: its share (samples / ranks) of the job's images
     # comes from the readers' elapsed time (reader seconds / readers) and its own consumer's seconds.
-    p = sum(wall.get(s, 0.0) for s in READER_STAGES) / readers / (samples / ranks)
-    c = sum(wall.get(s, 0.0) for s in CONSUMER_STAGES) / ranks / (samples / ranks)
+    reader_s, consumer_s = _split(wall, consumer)
+    p = reader_s / readers / (samples / ranks)
+    c = consumer_s / ranks / (samples / ranks)
     limits = [1 / (AU_TARGET * p)] if p > 0 else []
     limits += [(1 - AU_TARGET) / (AU_TARGET * c)] if c > 0 else []  # 1/A >= 9c
     return min(limits) if limits else None
 
 
-def what_if(wall: Mapping[str, float], samples: int, readers: int, ranks: int = 1) -> dict[str, Any]:
+def what_if(
+    wall: Mapping[str, float],
+    samples: int,
+    readers: int,
+    ranks: int = 1,
+    consumer: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """run.json's `what_if`: the readers' feed rate as measured and the three what-if figures, each with
-    its assumption. `readers`: reader threads or processes of the whole job; `ranks`: its consumers."""
+    its assumption. `readers`: reader threads or processes of the whole job; `ranks`: its consumers;
+    `consumer`: the loader's own split of stage seconds onto the consumer's path, if it gave one."""
+    on_consumer = consumer_part(wall, consumer)
     cached = {s: v for s, v in wall.items() if s != "storage"}
-    doubled = {s: (v / 2 if s in READER_STAGES else v) for s, v in wall.items()}
+    cached_consumer = {s: v for s, v in on_consumer.items() if s != "storage"}
+    # twice the readers: only the part of each stage that readers run halves
+    doubled = {s: 0.5 * (v - on_consumer.get(s, 0.0)) + on_consumer.get(s, 0.0) for s, v in wall.items()}
     return {
         "model": MODEL,
         "readers": readers,
+        "consumer_stages": sorted(s for s, v in on_consumer.items() if v > 0),
         "not_separable": [s for s in STAGES if s not in wall],
-        "feed_img_per_s": feed_rate(wall, samples, readers, ranks),
+        "feed_img_per_s": feed_rate(wall, samples, readers, ranks, on_consumer),
         "cached": {
-            "img_per_s": feed_rate(cached, samples, readers, ranks),
+            "img_per_s": feed_rate(cached, samples, readers, ranks, cached_consumer),
             "assumption": ASSUMPTIONS["cached"],
         },
         "twice_readers": {
-            "img_per_s": feed_rate(doubled, samples, readers, ranks),
+            "img_per_s": feed_rate(doubled, samples, readers, ranks, on_consumer),
             "assumption": ASSUMPTIONS["twice_readers"],
         },
         "au90_accelerator": {
-            "img_per_s": au90_rate(wall, samples, readers, ranks),
+            "img_per_s": au90_rate(wall, samples, readers, ranks, on_consumer),
             "assumption": ASSUMPTIONS["au90_accelerator"],
         },
     }
@@ -161,7 +204,8 @@ def phase_stages(ranks: Sequence[Any], workers: int) -> dict[str, Any]:
         job, sum(waits) / len(ranks), sum(steps) / len(ranks), sum(r.samples for r in ranks), readers
     )
     if job is not None:
-        out["what_if"] = what_if(job["wall"], sum(r.samples for r in ranks), readers, len(ranks))
+        samples = sum(r.samples for r in ranks)
+        out["what_if"] = what_if(job["wall"], samples, readers, len(ranks), job.get(CONSUMER))
     return out
 
 
