@@ -7,8 +7,11 @@ fetch is reported in its own field), then iterated for `--warmup` batches, then 
 CUDA the clock is read after a synchronise, so asynchronous work is counted where it happens.
 
 Besides the wall clock, the CPU time of the process tree (this process, its threads and the loader's
-worker processes: bench.cpu) is read around the timed passes: CPU microseconds per image. A peer
-(`--loader peer:...`, bench.peers) is measured by the same loop.
+worker processes: bench.cpu) is read around the timed passes: CPU microseconds per image. So are the
+loader's own stage counters (`stage_times()`, loaders.stagetimes) where it has them: CPU and wall
+microseconds per image per stage over the same passes (`stages_cpu_us_per_img`, `stages_wall_us_per_img`;
+None for a loader, or a peer, that reports no stages). A peer (`--loader peer:...`, bench.peers) is
+measured by the same loop.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from bench.cpu import cpu_of, endpoint_pids, tree_cpu_s
 from bench.peers import build_peer, is_peer
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
+from loaders.stagetimes import Snapshot, stage_times
 
 # Timed passes per variant; the median counts. Measured on this shared 2-core machine (3 processes x 7
 # passes of 20,000 images each for torchvision, wds and dali on raw): the median of any 3 of a process's
@@ -95,6 +99,7 @@ def measure(
     rates, seconds_list, counted = [], [], []
     endpoint = endpoint_pids()  # the emulated endpoint's processes (bench.cpu)
     cpu0, wall0, tree0 = cpu_of(endpoint), time.perf_counter(), tree_cpu_s()
+    stages0 = stage_times(loader)
     for _ in range(repeats):
         n = 0
         start = time.perf_counter()
@@ -107,6 +112,7 @@ def measure(
         seconds_list.append(seconds)
         counted.append(n)
     tree_s = tree_cpu_s() - tree0
+    stages1 = stage_times(loader)
     endpoint_share = None
     if endpoint:
         share = (cpu_of(endpoint) - cpu0) / ((time.perf_counter() - wall0) * (os.cpu_count() or 1))
@@ -120,6 +126,8 @@ def measure(
         "samples": counted[middle],
         "repeats_img_per_s": rates,
         "cpu_us_per_img": 1e6 * tree_s / sum(counted),
+        "stages_cpu_us_per_img": per_image(stages0, stages1, "cpu", sum(counted)),
+        "stages_wall_us_per_img": per_image(stages0, stages1, "wall", sum(counted)),
         "setup_s": setup_s,
         "decode_device": loader.decode_device,
         "downloads": [d.__dict__ for d in loader.downloads],
@@ -127,6 +135,15 @@ def measure(
         "prefetch_plan": loader.prefetch_plan,
         "endpoint_cpu_share": endpoint_share,
     }
+
+
+def per_image(before: Snapshot | None, after: Snapshot | None, kind: str, images: int) -> dict | None:
+    """Microseconds per image per stage between two stage readings (`kind`: wall or cpu), in the
+    contract's stage order; None when the loader reports no stages."""
+    if before is None or after is None or not images:
+        return None
+    now, then = after[kind], before[kind]
+    return {stage: round(1e6 * (now[stage] - then.get(stage, 0.0)) / images, 2) for stage in now}
 
 
 def main(argv: list[str] | None = None) -> None:

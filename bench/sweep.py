@@ -140,6 +140,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
                 img_per_s=round(outcome["img_per_s"], 1),
                 repeats_img_per_s=[round(r, 1) for r in outcome["repeats_img_per_s"]],
                 cpu_us_per_img=round(outcome["cpu_us_per_img"], 1),
+                stages_cpu_us_per_img=outcome.get("stages_cpu_us_per_img"),
+                stages_wall_us_per_img=outcome.get("stages_wall_us_per_img"),
                 decode_device=outcome["decode_device"],
                 setup_s=round(outcome["setup_s"], 3),
                 stats=outcome["stats"],

@@ -21,8 +21,10 @@ from bench.baseline import add_ratios, describe, spread, summarise, unsteady
 from bench.cpu import tree_cpu_s
 from bench.datasets import ensure_dataset
 from bench.measure import measure
+from bench.tables import stage_cell
 from bench.variants import FIRST, LAST, Variant, plan
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD
+from loaders.stagetimes import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {"loader", "storage", "encoding", "workers", "samples", "seconds", "img_per_s", "ratio_to_baseline"}
@@ -160,6 +162,18 @@ def test_measure_reports_the_process_trees_cpu_time_per_image(name: str, tiny: P
         name, str(tiny / "jpg"), batch_size=64, workers=2, samples=256, warmup=1, repeats=2, device="cpu"
     )
     assert result["cpu_us_per_img"] > 0 and len(result["repeats_img_per_s"]) == 2
+    stages = result["stages_cpu_us_per_img"]
+    if peers.is_peer(name):  # peers keep no stage counters
+        assert stages is None and result["stages_wall_us_per_img"] is None
+    else:  # every stage separable; their CPU is part of the process tree's (never more than it)
+        assert list(stages) == list(STAGES) and stages["storage"] == 0
+        assert stages["decode"] > 0 and stages["augment"] > 0
+        assert sum(stages.values()) <= result["cpu_us_per_img"]
+
+
+def test_the_stage_cell_lists_what_the_loader_separates_in_the_contracts_order() -> None:
+    assert stage_cell({"queue": 0.04, "storage": 8.06, "decode": 2.0}) == "st 8.1 · de 2.0 · q 0.0"
+    assert stage_cell(None) == "" and stage_cell({}) == ""
 
 
 def _row(loader: str, img_per_s: float, workers: int = 2, when: str = "", **extra: object) -> dict:
@@ -291,6 +305,11 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     assert "| raw | 0 | " in peer_section and "| wds (" in peer_section, "wds is the fastest shard reader run"
     assert "| wds | s3 | raw | 0 | cpu | " in table.split("Remote / local")[1], "the per-network table"
     assert "| wds | s3 | home | raw |" in done.stdout
+    # each feedrate row's stage CPU per image, from the loader's own counters over the timed passes
+    for key in (("wds", "local"), ("wds", "s3"), ("torchvision", "s3")):
+        stages = rows[key]["stages_cpu_us_per_img"]
+        assert list(stages) == list(STAGES) and sum(stages.values()) <= rows[key]["cpu_us_per_img"], key
+    assert "stage CPU µs/img" in table and "| st 0.0 · de " in table, "the baseline's in-memory split"
 
 
 def test_bad_selection_is_one_line_exit_2(tmp_path: Path) -> None:
