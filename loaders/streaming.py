@@ -93,7 +93,9 @@ Stage times (`stage_times()`, the loaders.stagetimes contract; cumulative, summe
 - `transfer`: host-to-device copies in the consumer, and pinning by a reader (CUDA);
 - `queue`: the consumer taking a batch already waiting in a reader's queue (handoff.py), not its wait
   for one still being made.
-One timed span per batch or shard (a few microseconds per batch of 256: measured in tests/stage_cost.py).
+One timed span per batch or shard (~4 us each, ~0.1 us an image; tests/stage_cost.py measures it). On
+CUDA the consumer's figures are the CPU's side of work queued on the stream (a non-blocking copy, the
+augmentation's kernels): the GPU's own time is the step's.
 
 Memory per reader: the shard being decoded, `prefetch` shards ahead, the shards the buffer still draws
 from (about 2 at the default sizes), and up to QUEUE_DEPTH batches waiting for the consumer; no second
