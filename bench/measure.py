@@ -31,6 +31,7 @@ from bench.peers import build_peer, is_peer
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 from loaders.stagetimes import Snapshot, stage_times
+from training.device import resolve_device
 
 # Timed passes per variant; the median counts. Measured on this shared 2-core machine (3 processes x 7
 # passes of 20,000 images each for torchvision, wds and dali on raw): the median of any 3 of a process's
@@ -63,7 +64,10 @@ def measure(
 ) -> dict[str, Any]:
     """Median img/s of `repeats` timed passes over >= `samples` training images (augmented), and the
     CPU time of the process tree over those passes per image."""
-    dev = torch.device(device)
+    # torch's CPU threads as train.py sets them (training.device's policy: the cores the loader's workers
+    # leave, at least one): at torch's default of one thread per core beside two workers the tensor
+    # loader cost 64 CPU us per image here instead of 11, which no training run would see.
+    dev = resolve_device(device, workers)
     cfg = LoaderConfig(
         data=data,
         split="train",
