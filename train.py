@@ -123,6 +123,7 @@ class TrainConfig:
             ("--epochs", self.epochs, 1),
             ("--batch-size", self.batch_size, 1),
             ("--workers", self.workers, 0),
+            ("--seed", self.seed, 0),
             ("--max-batches", self.max_batches, 1),
         ):
             if value is not None and value < low:

@@ -16,7 +16,6 @@ measured by the same loop.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -28,7 +27,7 @@ import torch
 
 from bench.cpu import cpu_of, endpoint_pids, tree_cpu_s
 from bench.peers import build_peer, is_peer
-from feedrate.errors import FeedrateError
+from feedrate.errors import CliParser, FeedrateError, run_cli
 from loaders import LoaderConfig, make_loader
 from loaders.stagetimes import Snapshot, stage_times
 from training.device import resolve_device
@@ -151,7 +150,7 @@ def per_image(before: Snapshot | None, after: Snapshot | None, kind: str, images
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="bench.measure", description=__doc__)
+    p = CliParser(prog="bench.measure", description=__doc__)
     p.add_argument("--loader", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--batch-size", type=int, default=256)
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--device", default="cpu")
     p.add_argument("--options", default="{}", help="JSON dict of backend options")
-    args = p.parse_args(argv)
+    args = run_cli("bench.measure", lambda: p.parse_args(argv))  # a bad flag: one line, exit 2
     try:
         result = measure(
             args.loader,

@@ -186,8 +186,8 @@ class Manifest:
                     _file(f, f"source_batches[{i}]", where, segments=2)
                     for i, f in enumerate(raw["source_batches"])
                 ],
-                seed=int(raw["seed"]),
-                shard_size=int(raw["shard_size"]),
+                seed=_count(raw["seed"], "seed", where, 0, 2**63 - 1),
+                shard_size=_count(raw["shard_size"], "shard_size", where, 1, MAX_SAMPLES),
                 encoder=dict(raw.get("encoder", {})),
                 created=raw.get("created", ""),
                 feedrate_version=raw.get("feedrate_version", ""),

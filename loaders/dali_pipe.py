@@ -214,9 +214,8 @@ def rank_samples(total: int, rank: int, world_size: int) -> int:
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """torch ops in the block run on the calling thread alone (see the module docstring); the thread
-    count is put back afterwards. Costs about half a microsecond a batch. The count is process-wide:
-    the block is meant for the consumer's own thread, between its steps, where no other torch work
-    runs."""
+    count is put back afterwards. Costs about half a microsecond a batch. The count is the calling
+    thread's own (OpenMP keeps it per thread: other threads keep theirs)."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield

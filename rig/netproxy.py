@@ -50,7 +50,6 @@ it prints `endpoint http://127.0.0.1:NNNN` and serves until SIGTERM or SIGINT.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import math
@@ -64,7 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from feedrate.errors import FeedrateError, run_cli
+from feedrate.errors import CliParser, FeedrateError, run_cli
 from feedrate.network import PRESETS, Link, preset
 
 HOST = "127.0.0.1"
@@ -722,7 +721,7 @@ def _run(upstream: str, net: str, port: int, seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m rig.netproxy`: a shaping proxy in the foreground until SIGTERM or SIGINT."""
-    p = argparse.ArgumentParser(
+    p = CliParser(
         prog="netproxy",
         description="Relay a local S3 endpoint through a shaped loopback link; prints 'endpoint URL'.",
     )
@@ -732,8 +731,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: 0, any free one)")
     p.add_argument("--seed", type=int, default=0, help="seed of the latency jitter (default: %(default)s)")
-    args = p.parse_args(argv)
-    run_cli("netproxy", lambda: _run(args.upstream, args.net, args.port, args.seed))
+
+    def body() -> None:
+        args = p.parse_args(argv)
+        _run(args.upstream, args.net, args.port, args.seed)
+
+    run_cli("netproxy", body)
 
 
 if __name__ == "__main__":

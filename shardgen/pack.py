@@ -62,6 +62,8 @@ class ShardgenConfig:
     def __post_init__(self) -> None:
         if self.fmt not in ENCODINGS:
             raise FeedrateError(f"unknown format {self.fmt!r}; accepted: {', '.join(ENCODINGS)}")
+        if self.seed < 0:
+            raise FeedrateError(f"--seed {self.seed} must be >= 0")
         if self.shard_size < 1:
             raise FeedrateError(f"--shard-size {self.shard_size} must be a positive sample count")
         bad = [s for s in self.splits if s not in SPLITS]

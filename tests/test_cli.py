@@ -1,4 +1,4 @@
-"""Every command line's usage error is one line on stderr and exit code 2 (feedrate.errors.CliParser)."""
+"""Every command line's usage error or bad value is one line on stderr and exit code 2 (feedrate.errors)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
         ["-m", "rig", "sideways"],
         ["-m", "bench", "--bogus"],
         ["-m", "bench.compare", "--bogus"],
+        ["-m", "bench.measure", "--bogus"],
+        ["-m", "rig.netproxy", "--bogus"],
+        ["train.py", "--seed", "-1"],  # a bad value, not only a bad flag
+        ["-m", "shardgen", "--dest", "x", "--source", "synthetic", "--seed", "-1"],
     ],
 )
 def test_a_usage_error_is_one_line_and_exit_2(command: list[str], tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ cleanly, samples lost (which must be 0).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ import boto3
 import pytest
 from encoded import decode_identity
 
+import loaders
 from feedrate.errors import FeedrateError
 from feedrate.manifest import MANIFEST_NAME
 from feedrate.storage import READ_TIMEOUT_ENV, StorageError, open_store
@@ -257,8 +257,8 @@ def partial_files(cache: Path) -> list[str]:
 def test_a_fault_that_never_stops_fails_cleanly(
     name: str, kind: str, remote: str, proxy: NetProxy, tally: FaultTally, tmp_path: Path, monkeypatch
 ) -> None:
-    if name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
-        pytest.skip("needs DALI")
+    if name == "dali" and (why := loaders.unavailable("dali")) is not None:
+        pytest.skip(why)
     if kind == "stall":
         monkeypatch.setenv(READ_TIMEOUT_ENV, STALL_TIMEOUT_S)
     obj = "train-000001.tar" if name in ("wds", "dali") else "cifar-10-batches-py/data_batch_2"

@@ -21,12 +21,10 @@ from loaders import LoaderConfig, make_loader
 from loaders.seeds import AUGMENT, ORDER, epoch_seed
 from loaders.shards import ShardCache, dataset_key, open_dataset
 from shardgen import ShardgenConfig, build
+from tests.helpers import needs_dali
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, TEST = 24, 6
-needs_dali = pytest.mark.skipif(
-    loaders.unavailable("dali") is not None, reason=str(loaders.unavailable("dali"))
-)
 
 
 def make_source(base: Path) -> Path:

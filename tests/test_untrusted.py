@@ -107,6 +107,14 @@ def test_an_index_size_is_bounded_by_its_samples(tiny_dataset: Path) -> None:
         Manifest.from_json(json.dumps(doc))
 
 
+@pytest.mark.parametrize(("field", "bad"), [("seed", float("inf")), ("seed", -3), ("shard_size", "100")])
+def test_seed_and_shard_size_are_checked_too(tiny_dataset: Path, field: str, bad: object) -> None:
+    doc = manifest_doc(tiny_dataset)
+    doc[field] = bad
+    with pytest.raises(ManifestError, match=rf"{field} is .*expected an integer"):
+        Manifest.from_json(json.dumps(doc))
+
+
 def test_a_checksum_must_be_sha256_hex(tiny_dataset: Path) -> None:
     doc = manifest_doc(tiny_dataset)
     doc["splits"]["train"]["shards"][0]["sha256"] = "../../x"

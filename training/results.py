@@ -83,7 +83,11 @@ class CsvLog:
         self._lock = threading.Lock()  # one writer at a time: rows reach the file in logged order
         self._error: FeedrateError | None = None
         self._stop = threading.Event()
-        self._write_lines([",".join(CSV_HEADER) + "\n"])
+        try:
+            self._write_lines([",".join(CSV_HEADER) + "\n"])
+        except BaseException:
+            self._file.close()  # no thread to close it yet
+            raise
         self._thread = threading.Thread(target=self._run, name=f"csvlog {path.name}", daemon=True)
         self._thread.start()
 
