@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loaders.seeds import UNITS, epoch_seed
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -60,6 +62,6 @@ def worker_units(
     """The units worker `worker` of `workers` reads this epoch, in order (shuffled per epoch by seed)."""
     order = list(units)
     if shuffle:
-        perm = np.random.default_rng([seed, epoch, 0x5AAD]).permutation(len(order))
+        perm = np.random.default_rng(epoch_seed(seed, epoch, stream=UNITS)).permutation(len(order))
         order = [order[i] for i in perm]
     return order[worker :: max(1, workers)]

@@ -6,8 +6,9 @@ generator seeded here, so an epoch is a function of the run's seed and where it 
 and streams get independent draws (numpy's SeedSequence mixes the parts; a linear formula such as
 seed * K + epoch makes seed 0 epoch K the same as seed 1 epoch 0).
 
-`stream` keeps apart the draws one reader makes for different purposes: ORDER (shuffling) and AUGMENT
-(crops and flips). An order shared by every rank is seeded with the rank left at 0.
+`stream` keeps apart the draws one reader makes for different purposes: ORDER (shuffling), AUGMENT
+(crops and flips) and UNITS (the order of a rank's shards, shared by its workers). An order shared by
+every rank is seeded with the rank left at 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 ORDER = 0
 AUGMENT = 1
+UNITS = 2
 MASK = (1 << 64) - 1
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import loaders
 from bench import peers
 from bench.baseline import add_ratios, describe, spread, summarise, unsteady
 from bench.cpu import tree_cpu_s
@@ -77,10 +78,14 @@ def test_plan_adds_the_peers_per_encoding_for_local_storage_and_skips_a_missing_
     reasons = {
         v.loader: why for v, why in plan(_plan_args(peers=True), cuda=False) if peers.is_peer(v.loader)
     }
-    assert reasons == {
-        "peer:webdataset": "peer:webdataset needs the webdataset package, which is not installed",
-        "peer:dali-plain": None if real("nvidia.dali") else reasons["peer:dali-plain"],
-    }
+    assert set(reasons) == {"peer:webdataset", "peer:dali-plain"}
+    assert (
+        reasons["peer:webdataset"] == "peer:webdataset needs the webdataset package, which is not installed"
+    )
+    if loaders.unavailable("dali") is None:  # DALI here: its peer runs
+        assert reasons["peer:dali-plain"] is None
+    else:
+        assert "dali" in str(reasons["peer:dali-plain"]).lower()
 
 
 def test_a_peer_whose_library_cannot_be_imported_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
