@@ -25,17 +25,25 @@ chunk still in cache: with the crop rows, ~4-5 us/img in all on one core, was ~9
 
 Offsets (0..2*padding for rows and columns) and flips (p = 0.5) are drawn per sample from a
 `torch.Generator`, so a seed fixes the augmentation. Validation batches only get step 4.
+
+`EpochDraws` draws them up front instead, for every sample of a split at once from (seed, epoch), and
+a batch looks its samples' draws up by sample number: a sample's augmentation is then a function of
+(seed, epoch, sample) alone, the same whichever rank, worker or batch reads it, and the same when an
+interrupted epoch is resumed (loaders.resume). Drawing 50,000 samples' draws costs about a millisecond
+an epoch.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from feedrate.errors import FeedrateError
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING
+from loaders.seeds import SAMPLES, epoch_seed
 
 LAYOUTS = ("NCHW", "NHWC")
 NORMALIZE_CHUNK = 32  # images per multiply-add pass on the CPU (a 384 KB float chunk stays in cache)
@@ -176,3 +184,44 @@ def augment(
 ) -> torch.Tensor:
     """The training transform of a uint8 batch: random crop + flip, then float32 normalisation."""
     return normalize(random_crop_flip(images, generator, padding, layout), "NCHW", mean, std)
+
+
+@dataclass(frozen=True)
+class EpochDraws:
+    """Every sample's crop offsets and flip for one epoch of a split (see the module docstring)."""
+
+    dy: torch.Tensor  # (total,) int64 row offsets, 0..2*padding
+    dx: torch.Tensor  # (total,) int64 column offsets
+    flip: torch.Tensor  # (total,) bool
+    padding: int = CROP_PADDING
+
+    @classmethod
+    def draw(
+        cls,
+        seed: int,
+        epoch: int,
+        total: int,
+        device: str | torch.device = "cpu",
+        padding: int = CROP_PADDING,
+    ) -> EpochDraws:
+        """The draws of epoch `epoch` of a run seeded `seed`, for samples 0..total-1 (on `device`)."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(epoch_seed(seed, epoch, stream=SAMPLES))
+        offsets = torch.randint(0, 2 * padding + 1, (2, total), generator=generator, device=device)
+        flip = torch.rand(total, generator=generator, device=device) < 0.5
+        return cls(offsets[0], offsets[1], flip, padding)
+
+    def augment(
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        layout: str = "NCHW",
+        mean: tuple[float, ...] = CIFAR10_MEAN,
+        std: tuple[float, ...] = CIFAR10_STD,
+    ) -> torch.Tensor:
+        """The training transform of a uint8 batch whose samples are numbered `ids` in the split."""
+        ids = ids.to(self.dy.device)
+        dy, dx, flip = self.dy[ids], self.dx[ids], self.flip[ids]
+        if dy.device != images.device:
+            dy, dx, flip = dy.to(images.device), dx.to(images.device), flip.to(images.device)
+        return normalize(crop_flip(images, dy, dx, flip, self.padding, layout), "NCHW", mean, std)
