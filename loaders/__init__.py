@@ -26,8 +26,11 @@ def make_loader(name: str, cfg: LoaderConfig) -> Loader:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        # the one wording of "what to install" is availability's; this is its fallback for a module
+        # that availability does not list
+        why = unavailable(name, imports=True)
         raise FeedrateError(
-            f"loader {name!r} needs the package that provides {exc.name!r}: pip install {packages}"
+            why or f"loader {name!r} needs the package that provides {exc.name!r}: pip install {packages}"
         ) from None
     return getattr(module, class_name)(cfg)
 
