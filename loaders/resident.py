@@ -2,8 +2,8 @@
 
 The split is read once from any storage URL (the CIFAR python batches at the dataset root; a remote
 fetch is recorded as a type 10/11 row) and copied to the device. Every epoch then costs only tensor ops
-on the device: a permutation, and per batch one gather that crops and flips, and one
-uint8-to-float conversion with normalisation. No decode, no per-sample Python, no worker processes:
+on the device: per batch one gather that crops and flips, and one uint8-to-float conversion with
+normalisation. No decode, no per-sample Python, no worker processes:
 what is left is the floor of any loader's cost, against which the others are judged.
 
 Augmentation has the baseline's semantics (RandomCrop(32, padding=4) with zero fill, horizontal flip
@@ -16,16 +16,33 @@ core that is 0.65 us per image, where picking single pixels out of a 6-d view of
 cost 4.4-5.3 (the idea is loaders.augment's, for batches that are not resident). The float conversion,
 transposing to NCHW on the way, and the normalisation follow in chunks that stay in cache.
 
+Order, augmentation and resume (loaders.resume's contract):
+- the epoch's order is `loaders.batches.SplitOrder`'s: one permutation of the split from (seed, epoch),
+  drawn on the host (so each batch's sample ids are known there without asking the device), dealt to
+  the ranks in turn (rank r: positions r, r+R, ...); validation reads the split in row order. It depends
+  on (seed, epoch, the split's size, rank, world size), not on the worker count (there are no workers).
+- each sample's crop and flip are its entry of the epoch's `EpochDraws` (seed, epoch), folded once an
+  epoch into one int64 per sample (the canvas pixel where its crop starts), so a batch's crops are one
+  lookup by sample id: a sample is cropped alike whichever rank or batch reads it, and a resumed epoch
+  yields the pixels an uninterrupted one would have (the per-batch generator draws this replaced cost
+  about as much as the lookup).
+- `state_dict()` is the ids handed out in the epoch so far (marked as each batch is yielded);
+  `load_state_dict()` makes the epoch serve its remainder, dealt in turn to the current ranks. `exact`
+  is None: with unchanged counts that remainder is the uninterrupted run's continuation already
+  (SplitOrder's docstring shows why), with others every remaining sample is read once.
+- the epoch's part and crop table (two int64 per sample, 0.8 MB for CIFAR-10) are the only host-to-
+  device copies an epoch makes, once, at its start.
+
 Where the batches are prepared:
 - CUDA: in `next()`, as kernels queued on the current stream; they run asynchronously behind the step
   already, so nothing more is needed.
 - CPU: the ops would run inside `next()` and the step would wait for them (with an emulated or a slow
   step, data wait the training loop sees). Instead a background thread (`Prefetch`; torch ops release
   the GIL) prepares each epoch's batches into a small ring of preallocated buffers, at most
-  `AHEAD` batches ahead of the consumer. The thread makes exactly the draws the consumer would have,
-  in the same order, so a seed fixes the batches however fast either side runs. It never starts the
-  next epoch (its order depends on `set_epoch`); it stops when the epoch ends, is abandoned, or
-  `close()` is called, and an exception in it is raised in the consumer.
+  `AHEAD` batches ahead of the consumer. A batch depends only on its sample ids (their order and
+  draws are fixed by the seed and epoch), so the batches are the same however fast either side runs.
+  It never starts the next epoch (its order depends on `set_epoch`); it stops when the epoch ends, is
+  abandoned, or `close()` is called, and an exception in it is raised in the consumer.
 
 Stage times (`stage_times()`, the loaders.stagetimes contract): `augment` is the preparation of each
 batch (gather, crop, flip, float conversion, normalisation, labels) -- in the CPU thread, or on CUDA the
@@ -33,7 +50,8 @@ CPU's side of queueing those kernels in `next()` (the GPU runs them behind the s
 the step's); `queue` is the consumer taking a batch the CPU thread has ready (a wait for one still
 being prepared is not counted). `storage`, `decode` and `transfer` are zero per epoch, and reported as
 such: the split was read, unpickled and copied to the device once, when the loader was built (the
-CSV's type 10/11 row); no epoch reads, decodes or copies anything from the host.
+CSV's type 10/11 row); no epoch reads or decodes anything, and its only copy from the host (the ids and
+crop table at its start) is too small to count.
 
 A yielded CPU batch lives in a ring buffer that is refilled two batches later, unless something still
 holds it then (a reference to the tensors, a view of them, a numpy array over them): such a buffer is
@@ -47,16 +65,18 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from feedrate.errors import FeedrateError
+from loaders.augment import EpochDraws
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
-from loaders.batches import load_split
+from loaders.batches import SplitOrder, load_split
 from loaders.options import BATCH_READER_OPTIONS, parse_options
-from loaders.seeds import AUGMENT, ORDER, epoch_seed
 from loaders.shards import open_dataset
 from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.transfer import to_device
@@ -260,19 +280,38 @@ class TensorLoader:
             )
         self._stats = arrays.stats()
         self._epoch = 0
+        # the epoch's order, this rank's part, what was handed out (loaders.batches.SplitOrder)
+        self._map = SplitOrder("tensor", cfg.split, self._n, cfg.seed, cfg.train, cfg.rank, cfg.world_size)
+        self._starts: tuple[int, torch.Tensor] | None = None  # (epoch, each sample's crop start)
         self._prefetch: Prefetch | None = None  # the CPU thread of the epoch being read, if any
         self._stages = StageTimes()
         for stage in STAGES:  # all separable; storage, decode and transfer stay zero (module docstring)
             self._stages.add(stage, 0.0, 0.0)
-        # Ranks take every world_size-th sample of one shared permutation: disjoint, and together
-        # the whole split.
-        self.samples = len(range(cfg.rank, self._n, cfg.world_size))
+
+    @property
+    def samples(self) -> int:
+        """This rank's samples in the current epoch: every world_size-th of the epoch's order (of its
+        remainder while a loaded state is pending)."""
+        return self._map.samples
 
     def __len__(self) -> int:
         return batches_for(self.samples, self.cfg.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
+        self._map.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is in the epoch (loaders.resume): the ids it has handed out. `exact` is None:
+        the remainder dealt in turn is the uninterrupted continuation already (loaders.batches.SplitOrder),
+        and each sample's augmentation is its own (EpochDraws), so nothing else is needed."""
+        return self._map.state_dict(self.cfg.workers)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Serve only the samples `state` has not consumed when its epoch is read (validated; the loader is
+        left at that epoch)."""
+        self._map.load_state_dict(state)
+        self._epoch = self._map.epoch
 
     def stats(self) -> dict[str, int]:
         return self._stats.as_dict()
@@ -292,20 +331,25 @@ class TensorLoader:
         if prefetch is not None:
             prefetch.stop()
 
-    def _generator(self, stream: int) -> torch.Generator:
-        """The epoch's generator for `stream`; the order is shared by every rank (each takes its part)."""
-        gen = torch.Generator(device=self.device)
-        rank = 0 if stream == ORDER else self.cfg.rank
-        gen.manual_seed(epoch_seed(self.cfg.seed, self._epoch, rank, stream=stream))
-        return gen
-
     def order(self) -> torch.Tensor:
-        """This rank's sample indices for the current epoch, in iteration order."""
-        if self.cfg.train:
-            perm = torch.randperm(self._n, generator=self._generator(ORDER), device=self.device)
-        else:
-            perm = torch.arange(self._n, device=self.device)
-        return perm[self.cfg.rank :: self.cfg.world_size]
+        """This rank's sample indices for the current epoch, in iteration order, on the device (drawn on the
+        host, copied once an epoch)."""
+        return self._device_ids(self._map.part())
+
+    def _device_ids(self, ids: np.ndarray) -> torch.Tensor:
+        return to_device(torch.from_numpy(ids), self.device)
+
+    def _crop_starts(self) -> torch.Tensor:
+        """Every sample's crop for the current epoch, as the canvas pixel where its first row starts: the
+        `EpochDraws` of (seed, epoch) (drawn on the CPU, so the CPU and a GPU crop alike) folded into one
+        int64 per sample, once an epoch, so that a batch's crops are one lookup by sample id."""
+        if self._starts is None or self._starts[0] != self._epoch:
+            draws = EpochDraws.draw(self.cfg.seed, self._epoch, self._n)
+            # A flipped crop at column dx is the mirrored half's window at 2*pad - dx.
+            col = torch.where(draws.flip, self._mirror_base - draws.dx, draws.dx)
+            starts = torch.arange(self._n) * self._canvas_image + draws.dy * self._canvas_row + col
+            self._starts = (self._epoch, to_device(starts, self.device))
+        return self._starts[1]
 
     def _new_slot(self) -> Slot:
         bs = self.cfg.batch_size
@@ -315,25 +359,20 @@ class TensorLoader:
         )
 
     def _filler(self, order: torch.Tensor) -> Callable[[Slot, int], None]:
-        """fill(slot, k): batch k of this epoch into `slot`. Batches must be filled in order: training
-        draws each batch's offsets and flips from one generator, in sequence."""
+        """fill(slot, k): batch k of this epoch (of `order`, this rank's ids) into `slot`. A batch depends
+        on its ids alone (each sample's crop and flip are the epoch's draw for it), in any order of k."""
         bs = self.cfg.batch_size
-        gen = self._generator(AUGMENT) if self.cfg.train else None
-        span = 2 * CROP_PADDING + 1
+        crop_starts = self._crop_starts() if self.cfg.train else None
 
         def fill(slot: Slot, k: int) -> None:
             idx = order[k * bs : (k + 1) * bs]
             n = slot.n = len(idx)
-            if gen is None:
+            if crop_starts is None:
                 assert self._images is not None, "__iter__ checks that the loader is open"
                 crops = self._images[idx]  # (n, C, H, W) uint8
             else:
                 assert self._rows is not None, "__iter__ checks that the loader is open"
-                offsets = torch.randint(0, span, (2, n), generator=gen, device=self.device)
-                flip = torch.rand(n, generator=gen, device=self.device) < 0.5
-                # A flipped crop at column dx is the mirrored half's window at 2*pad - dx.
-                col = torch.where(flip, self._mirror_base - offsets[1], offsets[1])
-                first = idx * self._canvas_image + offsets[0] * self._canvas_row + col  # row 0's start
+                first = crop_starts.index_select(0, idx)  # where each crop's row 0 starts
                 starts = (first[:, None] + self._row_offsets[None, :]).view(-1)
                 crops = self._rows.index_select(0, starts).view(n, *self._image_shape).permute(0, 3, 1, 2)
             step = n if self.device.type == "cuda" else NORMALIZE_CHUNK
@@ -348,31 +387,46 @@ class TensorLoader:
         if self._images is None and self._rows is None:
             raise FeedrateError(f"the tensor loader of {self.root.url} was closed; make a new one to read it")
         self._stop_prefetch()  # an abandoned epoch's thread, if its iterator is still alive
-        order = self.order()
-        fill = self._filler(order)
-        batches = batches_for(len(order), self.cfg.batch_size)
+        ids = self._map.begin()  # this rank's part, on the host: each batch's ids are marked from it
+        fill = self._filler(self._device_ids(ids))
+        bs = self.cfg.batch_size
+        batches = batches_for(len(ids), bs)
+        if batches == 0:  # a resumed epoch with nothing left for this rank
+            self._map.finish()
+            return
         if self.device.type == "cuda":  # asynchronous already: kernels queued behind the step
             for k in range(batches):
                 slot = self._new_slot()
                 with self._stages.timed("augment"):
                     fill(slot, k)
+                self._handed_out(ids, k, batches)
                 yield slot.images[: slot.n], slot.labels[: slot.n]
             return
-        yield from self._prefetched(batches, fill)
+        yield from self._prefetched(ids, batches, fill)
+
+    def _handed_out(self, ids: np.ndarray, k: int, batches: int) -> None:
+        """Batch k of `batches` is about to be yielded: its ids are consumed (loaders.resume)."""
+        bs = self.cfg.batch_size
+        self._map.mark(ids[k * bs : (k + 1) * bs])
+        if k == batches - 1:
+            self._map.finish()
 
     def _prefetched(
-        self, batches: int, fill: Callable[[Slot, int], None]
+        self, ids: np.ndarray, batches: int, fill: Callable[[Slot, int], None]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The epoch's batches from a `Prefetch` thread; a slot goes back when the batch two after it is
         taken (see the module docstring), and the thread stops when this generator ends in any way."""
         prefetch = self._prefetch = Prefetch(batches, fill, self._new_slot, AHEAD, self._stages)
         held: list[Slot] = []
         try:
+            k = 0
             while (slot := prefetch.get()) is not None:
                 if len(held) == HELD:
                     prefetch.give_back(held.pop(0))
                 held.append(slot)
                 images, labels = slot.images[: slot.n], slot.labels[: slot.n]
+                self._handed_out(ids, k, batches)
+                k += 1
                 yield images, labels
                 del images, labels
         finally:
