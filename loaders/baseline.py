@@ -29,32 +29,39 @@ with batches prefetched) is lost with them.
 
 The split is read by `loaders.batches.load_split`: in place for a local root, fetched (verified by
 sha256, recorded as a type 10/11 download) for `s3://` / `cos://`.
+
+Order and resume (loaders.resume's contract): the epoch's order is `loaders.batches.SplitOrder`'s, the
+tensor loader's: one permutation of the split from (seed, epoch) (identity for evaluation), dealt to the
+ranks in turn, so rank r reads positions r, r+R, ... -- no repeats, parts that differ by at most one
+sample (train.py's equal-steps rule then drops at most one per rank). It depends on (seed, epoch, the
+split's size, rank, world size), not on the worker count. This replaces torch's RandomSampler and
+DistributedSampler: DistributedSampler pads the parts to equal length with repeated samples, so an epoch
+was not the split exactly once and a resumed epoch could not continue its order (the padding is where
+the order ends). A `_Part` sampler serves the part; DataLoader hands batches on in sampler order
+whatever the workers, so batch k holds the part's ids k*B..(k+1)*B-1 and the consumed set is marked
+from the ids, without asking the workers. `state_dict()` is those ids; `load_state_dict()` makes the
+epoch serve the remainder, dealt in turn to the current ranks: with unchanged counts exactly the order
+an uninterrupted run reads next, with others every remaining sample once. The per-sample augmentation
+(PIL transforms seeded per worker) is not reproduced on resume: the contract exempts this baseline.
 """
 
 from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    DistributedSampler,
-    RandomSampler,
-    SequentialSampler,
-    default_collate,
-)
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms
 
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
-from loaders.batches import load_split
+from loaders.batches import SplitOrder, load_split
 from loaders.options import BATCH_READER_OPTIONS, parse_options
-from loaders.seeds import epoch_seed
+from loaders.seeds import AUGMENT, epoch_seed
 from loaders.shards import open_dataset
 from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.transfer import pins, to_device
@@ -133,6 +140,22 @@ class _Collate:
         return _Unpickled(), images, labels, _Unpickled(), increments
 
 
+class _Part(Sampler[int]):
+    """The sample ids of this rank's part of the epoch, in order; set before each epoch's iteration.
+
+    The DataLoader keeps one sampler for its whole life (persistent workers included) and draws a fresh
+    iterator of it every epoch, so the part is swapped here rather than the DataLoader rebuilt."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(0, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave stopping to the main process, which shuts them down (and whose death they notice).
 
@@ -165,30 +188,17 @@ class TorchvisionLoader:
         self._stages = StageTimes()
         for stage in STAGES:  # all separable; storage stays zero (see the module docstring)
             self._stages.add(stage, 0.0, 0.0)
-        # One generator drives both the shuffle and the workers' base seed, so reseeding it in
-        # set_epoch makes an epoch's order and augmentation a function of (seed, epoch).
+        # The epoch's order (one permutation of (seed, epoch), identity for evaluation), this rank's
+        # part (every world_size-th sample, no repeats) and what was handed out: loaders.batches.SplitOrder,
+        # the tensor loader's. The sampler serves the part; the DataLoader keeps it for its life.
+        self._map = SplitOrder(
+            "torchvision", cfg.split, len(self.dataset), cfg.seed, cfg.train, cfg.rank, cfg.world_size
+        )
+        self.sampler = _Part()
+        # The workers' base seed, reseeded in set_epoch: their augmentation is a function of (seed, epoch,
+        # rank) (with workers=0 it is torch's global generator's, which train.py seeds once per run).
         self._generator = torch.Generator()
-        self._generator.manual_seed(epoch_seed(cfg.seed, 0, cfg.rank))
-        self.sampler: torch.utils.data.Sampler | list[int]
-        if cfg.world_size > 1 and cfg.train:
-            # torch's own distributed recipe: each rank gets ceil(N / world_size) samples of one
-            # permutation per epoch, the last ranks' parts padded with repeats from its start.
-            self.sampler = DistributedSampler(
-                self.dataset,
-                num_replicas=cfg.world_size,
-                rank=cfg.rank,
-                shuffle=True,
-                seed=cfg.seed,
-            )
-        elif cfg.world_size > 1:
-            # Evaluation: every world_size-th sample, no repeats (a padded sample would be counted
-            # twice in the accuracy; ranks evaluate without collectives, so their parts may differ by one).
-            self.sampler = list(range(cfg.rank, len(self.dataset), cfg.world_size))
-        elif cfg.train:
-            self.sampler = RandomSampler(self.dataset, generator=self._generator)
-        else:
-            self.sampler = SequentialSampler(self.dataset)
-        self.samples = len(self.sampler)
+        self._generator.manual_seed(epoch_seed(cfg.seed, 0, cfg.rank, stream=AUGMENT))
         # Several ranks: workers are started once, not every epoch. A process in a torch.distributed group
         # has C++ threads that enter Python, and CPython before 3.11.10 / 3.12 can deadlock a child forked
         # while such a thread holds its thread-list lock (python/cpython#112275). Seen here: a DataLoader
@@ -208,34 +218,63 @@ class TorchvisionLoader:
         )
 
     # -- the loader protocol ----------------------------------------------------------------------------
+    @property
+    def samples(self) -> int:
+        """This rank's samples in the current epoch: every world_size-th of the epoch's order (of its
+        remainder while a loaded state is pending)."""
+        return self._map.samples
+
     def __len__(self) -> int:
         return batches_for(self.samples, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         stages = self._stages
-        for start, images, labels, end, increments in self._loader:
+        ids = self._map.begin()
+        bs = self.cfg.batch_size
+        batches = batches_for(len(ids), bs)
+        if batches == 0:  # a resumed epoch with nothing left for this rank: no workers started for it
+            self._map.finish()
+            return
+        self.sampler.ids = ids
+        # DataLoader yields batches in sampler order whatever the workers (in_order): batch k is
+        # ids[k*bs:(k+1)*bs], marked as consumed when it is handed on.
+        for k, (start, images, labels, end, increments) in enumerate(self._loader):
             stages.merge(increments)
             if isinstance(start, tuple):  # unpickled: the hand-off from a worker process
                 stages.add("queue", max(0.0, end[0] - start[0]), max(0.0, end[1] - start[1]))
             with stages.timed("transfer"):
                 images, labels = to_device(images, self.device), to_device(labels, self.device)
+            self._map.mark(ids[k * bs : (k + 1) * bs])
+            if k == batches - 1:
+                self._map.finish()
             yield images, labels
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is in the epoch (loaders.resume): the ids it has handed out. `exact` is None: the
+        remainder dealt in turn is the uninterrupted run's order already (loaders.batches.SplitOrder); the
+        per-sample PIL augmentation in the workers is not reproduced (the contract exempts it)."""
+        return self._map.state_dict(self.cfg.workers)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Serve only the samples `state` has not consumed when its epoch is read (validated; the loader is
+        left at that epoch)."""
+        self._map.load_state_dict(state)
+        self.set_epoch(self._map.epoch)
 
     def stage_times(self) -> Snapshot:
         """Cumulative stage seconds since the loader was built, the workers' included (module docstring)."""
         return self._stages.snapshot()
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed the shuffle: the same (seed, epoch) gives the same order.
+        """The epoch to read: its order is a function of (seed, epoch).
 
         With workers the augmentation repeats too (each worker's seed derives from this generator); with
         `workers=0` it draws from torch's global generator, which train.py seeds once per run. Persistent
         workers (several ranks) are seeded once, at their first epoch: the augmentation then repeats for
         the same seed and sequence of epochs.
         """
-        self._generator.manual_seed(epoch_seed(self.cfg.seed, epoch, self.cfg.rank))
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+        self._generator.manual_seed(epoch_seed(self.cfg.seed, epoch, self.cfg.rank, stream=AUGMENT))
+        self._map.set_epoch(epoch)
 
     def stats(self) -> dict[str, int]:
         return self._arrays.stats().as_dict()

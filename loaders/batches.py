@@ -8,6 +8,9 @@ resumed from the byte reached if the connection drops; feedrate.storage), verifi
 dataset's directory of the cache (`cache_dir`, else a temporary one removed once the batches are
 unpickled). The fetch is recorded as a `Download` (CSV type 10 / 11), as the seed did for its S3 and
 IBM COS runs.
+
+Both read the split map-style, by row, so they share one epoch order and its resume state
+(`SplitOrder`): a sample's id in loaders.resume's bitmap is its row in these arrays.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from loaders.augment import EpochDraws
 from loaders.resume import decode, encode, merge
 
 N = 300  # samples of the train split
-LOADERS = ("tensor",)  # the torchvision baseline follows
+LOADERS = ("tensor", "torchvision")
 
 Batch = tuple[list[int], torch.Tensor]  # (sample ids read from the pixels, the images)
 
@@ -96,18 +96,21 @@ def _same(a: list[Batch], b: list[Batch], pixels: bool) -> None:
 
 
 @pytest.mark.parametrize("name", LOADERS)
-@pytest.mark.parametrize("world", [1, 2])
-def test_same_counts_continue_with_the_uninterrupted_batches(root: str, name: str, world: int) -> None:
+@pytest.mark.parametrize(("world", "workers"), [(1, 0), (2, 2)])
+def test_same_counts_continue_with_the_uninterrupted_batches(
+    root: str, name: str, world: int, workers: int
+) -> None:
     whole = []
     for rank in range(world):
-        loader = _loader(name, root, rank, world)
+        loader = _loader(name, root, rank, world, workers)
         loader.set_epoch(1)
         whole.append(_batches(loader))
+        loader.close()
     steps = 3
-    got, state = _interrupted(name, root, world, steps)
+    got, state = _interrupted(name, root, world, steps, workers=workers)
     assert state["count"] == steps * 32 * world
     assert set(decode(state["consumed"], N).nonzero()[0]) == {i for part in got for i in _ids(part)}
-    rest, _ = _resumed(name, root, world, json.loads(json.dumps(state)))  # a checkpoint is JSON
+    rest, _ = _resumed(name, root, world, json.loads(json.dumps(state)), workers)  # a checkpoint is JSON
     for rank in range(world):
         _same(got[rank], whole[rank][:steps], pixels=name == "tensor")
         # the order continues exactly; the tensor loader's augmentation too (the baseline's is exempt)
