@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -210,3 +211,19 @@ def test_bad_states_are_refused_in_one_line(root: str, name: str) -> None:
         text = str(caught.value)
         assert message in text and "\n" not in text, (why, text)
         assert loader.samples == N, "a refused state changes nothing"
+
+
+@pytest.mark.parametrize("name", LOADERS)
+def test_the_state_counts_batches_handed_out_not_those_prepared_ahead(root: str, name: str) -> None:
+    """Between two batches (as train.py asks), while the tensor loader's thread or DataLoader's workers
+    have later batches ready, the state holds exactly the ids yielded so far."""
+    loader = _loader(name, root, workers=2)
+    loader.set_epoch(1)
+    it = iter(loader)
+    yielded: list[int] = []
+    for k in range(1, len(loader) + 1):
+        yielded += decode_identity(next(it)[0])[0]
+        time.sleep(0.02)  # time for the reader to run ahead
+        consumed = decode(loader.state_dict()["consumed"], N)
+        assert set(consumed.nonzero()[0]) == set(yielded) and len(yielded) == min(N, 32 * k)
+    loader.close()
