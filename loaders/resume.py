@@ -125,7 +125,7 @@ def check(state: Mapping[str, Any], loader: str, split: str, seed: int, total: i
     for key, want in (("loader", loader), ("split", split), ("seed", seed), ("total", total)):
         if state[key] != want:
             raise FeedrateError(f"loader state is for {key} {state[key]!r}; this loader reads {key} {want!r}")
-    for key, low in (("epoch", 1), ("count", 0), ("workers", 0), ("world_size", 1)):
+    for key, low in (("epoch", 0), ("count", 0), ("workers", 0), ("world_size", 1)):
         value = state[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise FeedrateError(f"loader state: {key} {value!r} must be an integer >= {low}")

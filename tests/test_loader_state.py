@@ -36,7 +36,7 @@ def test_a_state_round_trips_through_json_and_check() -> None:
         ({"seed": 8}, "seed 8"),
         ({"total": 21}, "total 21"),
         ({"version": 2}, "version 2"),
-        ({"epoch": 0}, "epoch 0"),
+        ({"epoch": -1}, "epoch -1"),
         ({"epoch": True}, "epoch True"),
         ({"count": 4}, "count says 4"),
         ({"consumed": "not base64!"}, "not base64"),
