@@ -14,7 +14,11 @@ Architectures (`--arch`):
 Recipe: SGD with Nesterov momentum 0.9 and weight decay 5e-4 on all parameters (the classic CIFAR
 recipe); `--lr` is the peak rate for a batch of 256 and is scaled linearly with the batch size (Goyal et
 al., 2017). The rate warms up linearly over the first 5% of all steps (at least one step), then follows a
-cosine to zero at the last step, so a one-epoch run and a fifty-epoch run both anneal fully.
+cosine to zero at the last step, so a one-epoch run and a fifty-epoch run both anneal fully. The schedule
+is a function of the fraction of the run's planned steps done: a run resumed with the same counts takes
+exactly the steps it would have; one resumed with another world size (or --max-batches), whose planned
+steps differ, continues at the same fraction of its own plan (training.checkpoint.schedule_step), with
+the peak rate of its own global batch.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from feedrate.errors import FeedrateError
 
 ARCHS = ("resnet50", "resnet50-cifar", "small")
 MOMENTUM = 0.9
@@ -85,9 +92,10 @@ def warmup_cosine(step: int, total_steps: int) -> float:
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, batch_size: int, total_steps: int
+    model: nn.Module, lr: float, batch_size: int, total_steps: int, first_step: int = 0
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD (Nesterov) and its per-step schedule, as described in the module docstring."""
+    """SGD (Nesterov) and its per-step schedule, as described in the module docstring; `first_step`: the
+    schedule starts there (a resumed run: training.checkpoint.schedule_step)."""
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=peak_lr(lr, batch_size),
@@ -95,7 +103,9 @@ def build_optimizer(
         nesterov=True,
         weight_decay=WEIGHT_DECAY,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(first_step + step, total_steps)
+    )
     return optimizer, scheduler
 
 
@@ -113,6 +123,9 @@ class Stepper:
     switchable; on the CPU: fp32 under a nullcontext. Accuracy is counted on the device and read once per
     epoch, so no step waits for a host copy. Emulated (`emulate` = images/s), a training or evaluation
     step sleeps batch/emulate seconds and no model exists.
+
+    `first_step`: where the learning-rate schedule starts (0; a resumed run continues it, and
+    `load_state_dict` restores the rest: training.checkpoint).
 
     `distributed`: the model trains wrapped in DistributedDataParallel (the process group must exist),
     which averages gradients over the ranks inside backward; `batch_size` is then the global batch (the
@@ -133,8 +146,11 @@ class Stepper:
         channels_last: bool = True,
         emulate: float | None = None,
         distributed: bool = False,
+        first_step: int = 0,
     ) -> None:
         self.emulate = emulate
+        self.total_steps = total_steps
+        self.first_step = first_step
         self.device = device
         cuda = device.type == "cuda"
         self.amp_dtype: torch.dtype | None = None
@@ -143,6 +159,7 @@ class Stepper:
         self.channels_last = cuda and channels_last and emulate is None
         self.correct = torch.zeros(2, dtype=torch.int64, device=device)
         self.seen = 0
+        self.steps = 0  # training steps taken by this Stepper (the schedule has moved as many)
         self.module: nn.Module | None = None  # the network itself (None when emulating)
         if emulate is not None:
             return
@@ -156,9 +173,59 @@ class Stepper:
 
             # Broadcasts rank 0's weights now, so every rank starts from the same model.
             self.model = DistributedDataParallel(self.module, device_ids=[device] if cuda else None)
-        self.optimizer, self.scheduler = build_optimizer(self.module, lr, batch_size, total_steps)
+        self.optimizer, self.scheduler = build_optimizer(self.module, lr, batch_size, total_steps, first_step)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = torch.nn.CrossEntropyLoss()
+
+    @property
+    def schedule_step(self) -> int:
+        """The schedule's step: where the next training step's learning rate is taken."""
+        return self.first_step + self.steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training state a checkpoint keeps (tensors and plain values only, for a weights-only load):
+        the network's parameters and buffers, the optimiser (momentum), the AMP scaler, the schedule's
+        step; empty when emulating (no model)."""
+        if self.module is None:
+            return {}
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"step": self.schedule_step, "total": self.total_steps},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state_dict()`'s `state`. The learning rates stay this run's: its schedule was
+        built at the continued step (`first_step`) and its peak from this run's global batch, which may
+        differ from the saved run's when the world size changed. A state that does not fit this model is
+        a FeedrateError naming what does not."""
+        if self.module is None:
+            if state:
+                raise FeedrateError("checkpoint: a model state, but this run emulates (--emulate)")
+            return
+        missing = [k for k in ("model", "optimizer", "scaler") if not isinstance(state.get(k), Mapping)]
+        if missing:
+            raise FeedrateError(f"checkpoint: no {', '.join(missing)} state (saved by an emulated run?)")
+        try:
+            self.module.load_state_dict(state["model"])
+            rates = [(g["lr"], g.get("initial_lr")) for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group, (lr, initial) in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"], group["initial_lr"] = lr, initial
+            self.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise FeedrateError(f"checkpoint: the saved state does not fit this model: {reason}") from None
+
+    def counts(self) -> list[int]:
+        """The accuracy counts since `take_accuracy` (top-1 hits, top-5 hits, samples), for a checkpoint."""
+        return [*map(int, self.correct.tolist()), int(self.seen)]
+
+    def add_counts(self, counts: Sequence[int]) -> None:
+        """Add counts a checkpoint carried (its epoch's before the checkpoint) to this epoch's."""
+        self.correct += torch.tensor(counts[:2], dtype=self.correct.dtype, device=self.correct.device)
+        self.seen += int(counts[2])
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -172,6 +239,7 @@ class Stepper:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.seen += labels.shape[0]
+        self.steps += 1
         if self.emulate is not None:
             time.sleep(labels.shape[0] / self.emulate)
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -74,22 +75,69 @@ class CsvLog:
     100 ms of batch rows, never a partial one: rows are written whole (several at a time, one `write`
     call on an unbuffered file). A write error (full disk) is a FeedrateError naming the file, raised
     by the next row or by `close()`.
+
+    `resume_at=(offset, sha256)` continues a CSV a checkpoint described (training.checkpoint): the file's
+    first `offset` bytes must have that sha256; what follows them (rows logged after the checkpoint by a
+    process that was then killed) is cut, `cut_rows` counts those, and rows are appended from there.
+    `mark()` gives a checkpoint that pair: every row logged so far on disk (flushed and fsynced).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, resume_at: tuple[int, str] | None = None) -> None:
         self.path = path
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._digest = hashlib.sha256()  # of everything written: what mark() reports
+        self.cut_rows = 0
+        if resume_at is None:
+            self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close()
+        else:
+            self._file = self._continue(*resume_at)
         self._pending: collections.deque[Row] = collections.deque()  # append/popleft: thread-safe
         self._lock = threading.Lock()  # one writer at a time: rows reach the file in logged order
         self._error: FeedrateError | None = None
         self._stop = threading.Event()
         try:
-            self._write_lines([",".join(CSV_HEADER) + "\n"])
+            if resume_at is None:
+                self._write_lines([",".join(CSV_HEADER) + "\n"])
         except BaseException:
             self._file.close()  # no thread to close it yet
             raise
         self._thread = threading.Thread(target=self._run, name=f"csvlog {path.name}", daemon=True)
         self._thread.start()
+
+    def _continue(self, offset: int, sha256: str) -> Any:
+        """The existing file, checked against the checkpoint's prefix, cut there, positioned to append."""
+        try:
+            f = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            raise FeedrateError(f"--resume: cannot open {self.path}: {exc.strerror or exc}") from None
+        try:
+            prefix = f.read(offset)
+            header = (",".join(CSV_HEADER) + "\n").encode()
+            if len(prefix) < offset or not prefix.startswith(header) or not prefix.endswith(b"\n"):
+                raise FeedrateError(
+                    f"--resume: {self.path} has {len(prefix)} bytes of this run's rows; its checkpoint "
+                    f"recorded {offset}"
+                )
+            self._digest.update(prefix)
+            if self._digest.hexdigest() != sha256:
+                raise FeedrateError(f"--resume: {self.path} changed since its checkpoint (the rows' sha256)")
+            self.cut_rows = sum(1 for line in f.read().split(b"\n") if line.startswith(b"%d," % TRAIN_BATCH))
+            f.truncate(offset)
+            f.seek(offset)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def mark(self) -> tuple[int, str]:
+        """(bytes, sha256) of the file with every row logged so far written, flushed and fsynced."""
+        self._raise_writer_error()
+        self._drain()
+        with self._lock:
+            try:
+                os.fsync(self._file.fileno())
+            except OSError as exc:
+                raise FeedrateError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            return self._file.tell(), self._digest.hexdigest()
 
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_S):
@@ -106,12 +154,14 @@ class CsvLog:
             self._write_lines([format_row(r) for r in (*rows, *then)])
 
     def _write_lines(self, lines: list[str]) -> None:
-        data = memoryview("".join(lines).encode("ascii"))
+        encoded = "".join(lines).encode("ascii")
+        data = memoryview(encoded)
         try:
             while data:
                 data = data[self._file.write(data) :]
         except OSError as exc:  # a full disk or quota: say which file, not just the errno
             raise FeedrateError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self._digest.update(encoded)
 
     def _raise_writer_error(self) -> None:
         if self._error is not None:
@@ -182,6 +232,9 @@ class NoLog:
 
     def close(self) -> None:
         pass
+
+    def mark(self) -> tuple[int, str]:
+        return (0, hashlib.sha256().hexdigest())
 
     def __enter__(self) -> NoLog:
         return self
