@@ -9,6 +9,15 @@ Each epoch trains on `train`, then evaluates on `test`, and writes the seed's CS
 process trains on its own part of each split (training.distributed). Ctrl-C or SIGTERM, from the start
 of `main()`, stops the run cleanly with exit code 130 (training.interrupts); bad input is one line on
 stderr and exit code 2, before anything is written.
+
+    python train.py ... --checkpoint-dir ckpt --checkpoint-every 100     (killed, then:)
+    python train.py ... --checkpoint-dir ckpt --checkpoint-every 100 --resume
+
+`--checkpoint-dir` writes a checkpoint at every training epoch's end (before validation) and, with
+`--checkpoint-every N`, after every N-th training step mid-epoch, keeping the newest two
+(training.checkpoint: what is in one, how it is written atomically); `--resume` continues from the newest
+complete one, exactly where it was, with any --workers and world size (training.runstate: how the
+records continue).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +41,7 @@ from feedrate.manifest import Manifest
 from feedrate.progress import progress
 from loaders.stagetimes import stage_times
 from training import results
+from training.checkpoint import dataset_digest
 from training.data import close_loaders, prepare
 from training.device import DEVICES, device_line, resolve_device
 from training.distributed import DEFAULT_TIMEOUT_S, Group, Topology, plan_epochs, sum_counters
@@ -38,6 +49,18 @@ from training.interrupts import Interrupts
 from training.models import ARCHS, Stepper
 from training.output import open_output
 from training.runinfo import describe, now, phase, rank_info, summary_lines
+from training.runstate import (
+    Carry,
+    Keeper,
+    Resume,
+    RunState,
+    apply,
+    find_resume,
+    frozen,
+    join_ranks,
+    part_record,
+    rest_plan,
+)
 from training.stages import between
 from training.timing import BatchTime, Clock, EpochStats, EpochTimer, combine_ranks
 from training.trace import Step, trace_path, traced
@@ -82,6 +105,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S", help="torchrun: peer wait"
     )
+    p.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR", help="write checkpoints here")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also checkpoint after every N-th training batch (default: at training epoch ends only)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from DIR's newest checkpoint (none: start afresh)"
+    )
     return p
 
 
@@ -110,6 +144,9 @@ class TrainConfig:
     skip_bad: bool = False
     net: str = ""
     verify: bool = True
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for flag, value, accepted in (
@@ -125,6 +162,7 @@ class TrainConfig:
             ("--workers", self.workers, 0),
             ("--seed", self.seed, 0),
             ("--max-batches", self.max_batches, 1),
+            ("--checkpoint-every", self.checkpoint_every, 1),
         ):
             if value is not None and value < low:
                 raise FeedrateError(f"{flag} {value} must be >= {low}")
@@ -139,6 +177,9 @@ class TrainConfig:
             network.preset(self.net)  # an unknown name is a one-line error naming the accepted ones
         if not self.data.strip():
             raise FeedrateError("--data is empty; expected a dataset root (path, file://, s3://, cos://)")
+        for flag, given in (("--checkpoint-every", self.checkpoint_every), ("--resume", self.resume)):
+            if given is not None and given is not False and self.checkpoint_dir is None:
+                raise FeedrateError(f"{flag} needs --checkpoint-dir DIR")
 
 
 def run_epoch(
@@ -205,18 +246,25 @@ def train(cfg: TrainConfig, interrupts: Interrupts) -> int:
         print(f"{PROG}: {device_line(device, cfg.device, topology)}", flush=True)
     group = Group.start(topology, device, cfg.dist_timeout)
     try:
-        out, manifest, made = group.setup(lambda: prepare(cfg, group, device))
+        resume = group.setup(lambda: find_resume(cfg, say if group.is_main else lambda line: None))
+        if len(set(group.gather(resume and resume.checkpoint.path.name))) > 1:
+            group.fail(f"the ranks found different checkpoints in {cfg.checkpoint_dir}; is it shared?")
+        out, manifest, made = group.setup(lambda: prepare(cfg, group, device, resume))
         with interrupts.deferred():  # from here on only check() raises: clean-ups run to their end
             try:
-                status, doc = run_epochs(cfg, group, device, out, manifest, made, interrupts)
+                status, doc = run_epochs(cfg, group, device, out, manifest, made, interrupts, resume)
             finally:
                 close_loaders(made)  # persistent workers stop while no signal can break in
             for line in summary_lines(out, doc, status) if out is not None else []:
-                print(f"{PROG}: {line}", flush=True)
+                say(line)
     finally:
         with interrupts.deferred():
             group.close()
     return EXIT_INTERRUPTED if status == "interrupted" else 0
+
+
+def say(line: str) -> None:
+    print(f"{PROG}: {line}", flush=True)
 
 
 def run_epochs(
@@ -227,10 +275,12 @@ def run_epochs(
     manifest: Manifest,
     made: dict[str, loaders.Loader],
     interrupts: Interrupts,
+    resume: Resume | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The epoch loop, each training epoch followed by validation; (status, run.json as written).
 
-    `out` is None on every rank but 0: those write nothing and their document stays a stub.
+    `out` is None on every rank but 0: those write nothing and their document stays a stub. `resume`:
+    the checkpoint to continue from (training.runstate says how the records continue).
     """
     # Set-up: a signal stops it at once, as it stops the loaders' set-up.
     with interrupts.immediate():
@@ -243,17 +293,19 @@ def run_epochs(
         )
         plan = {split: p.batches[group.rank] for split, p in plans.items()}
         ranks = group.gather(rank_info(group, device))
+        total_steps = cfg.epochs * plan["train"]
         stepper = Stepper(
             cfg.arch,
             len(manifest.class_names),
             device,
             lr=cfg.lr,
             batch_size=cfg.batch_size * group.world_size,
-            total_steps=cfg.epochs * plan["train"],
+            total_steps=total_steps,
             amp=cfg.amp,
             channels_last=cfg.channels_last,
             emulate=cfg.emulate,
             distributed=group.distributed,
+            first_step=resume.schedule_step(total_steps) if resume else 0,
         )
         clock = Clock(torch.cuda.synchronize if device.type == "cuda" else None)
         trace = trace_path(os.environ, group.rank)
@@ -261,59 +313,122 @@ def run_epochs(
         def stats_now() -> dict[str, dict[str, int]]:
             return {split: loader.stats() for split, loader in made.items()}
 
-        group.setup(lambda: open_output(out))  # a rank-0 failure here (read-only --out) stops every rank
-        doc: dict[str, Any] = {"epochs": []}
-        if out is not None:  # rank 0
-            doc = describe(asdict(cfg), out, manifest, stepper, made, plans, group, ranks)
-        trained: list[list[EpochStats]] = []  # [epoch][rank]
+        if resume is None:
+            group.setup(lambda: open_output(out))  # a rank-0 failure here (read-only --out) stops every rank
+            run = RunState({"epochs": []})
+            if out is not None:  # rank 0
+                run.doc = describe(asdict(cfg), out, manifest, stepper, made, plans, group, ranks)
+        else:
+            started = time.time()
+            run = RunState.resumed(resume, out is not None)
+            run.resume_started = started
+            apply(resume, stepper, group, device)  # model, optimiser, scaler, generators
+            if run.carry is not None and group.is_main:
+                stepper.add_counts(run.carry.accuracy)  # the epoch's accuracy so far, summed once
+            say_main = say if group.is_main else lambda line: None
+            say_main(
+                f"resuming from {resume.checkpoint.path} (epoch {run.epoch}, {resume.meta['batch']} "
+                f"batches done, {resume.meta['phase']}; step {run.step})"
+            )
+        doc = run.doc
         rank_counters = group.gather(stats_now())
+        settings = frozen(cfg, dataset_digest(manifest.to_json()))
+        keeper = None
+        if cfg.checkpoint_dir is not None:
+            every = cfg.checkpoint_every
+            keeper = Keeper(
+                cfg.checkpoint_dir, every, group, device, stepper, settings, out, cfg.workers, stats_now
+            )
 
     def save(status: str) -> None:
         if out is None:
             return
         doc["status"] = status
         doc["finished"] = now()
-        if group.distributed:  # as of the last epoch's end: after a signal no rank gathers again
-            doc["counters"] = sum_counters(rank_counters)
-            doc["distributed"]["rank_counters"] = rank_counters
-        else:
-            doc["counters"] = stats_now()
-        doc["summary"] = combine_ranks(trained)
+        current = rank_counters if group.distributed else [stats_now()]
+        doc["counters"] = sum_counters([run.counters, *current])  # and a resumed run's earlier processes'
+        if group.distributed and doc.get("distributed"):  # as of the last epoch's end: after a signal no
+            doc["distributed"]["rank_counters"] = rank_counters  # rank gathers again
+        if keeper is not None:
+            doc["checkpoints"] = keeper.summary()
+        doc["summary"] = combine_ranks(run.trained)
         results.write_json_atomic(out / results.RUN_JSON_NAME, doc)
 
-    def epoch_of(split: str, epoch: int, step: Step, log_batch: OnBatch | None) -> EpochStats:
+    def epoch_of(split: str, epoch: int, step: Step, planned: int, log_batch: OnBatch | None) -> EpochStats:
         tag = f"epoch {epoch}/{cfg.epochs} {'train' if split == 'train' else 'val'}"
         stepped = traced(step, trace, group.rank, split, epoch)
         stats = run_epoch(
-            made[split], plan[split], stepped, clock, tag, log_batch, group.is_main, interrupts, cfg.skip_bad
+            made[split], planned, stepped, clock, tag, log_batch, group.is_main, interrupts, cfg.skip_bad
         )
         interrupts.check()  # no rank starts a collective after a signal it has seen
+        run.note_first_batch(stats)  # a resumed run's first batch: resume_s
         return stats
 
-    log = results.CsvLog(out / results.CSV_NAME) if out is not None else results.NoLog()
+    def train_epoch(epoch: int, carry: Carry | None) -> dict[str, Any]:
+        """Epoch `epoch`'s training (the rest of it after `carry`), its CSV row and run.json entry, and
+        the epoch-end checkpoint."""
+        done, planned = 0, plan["train"]
+        if carry is not None:
+            done = carry.batches
+            rest = rest_plan(group, made["train"], done, cfg.batch_size, cfg.max_batches)
+            planned = rest.batches[group.rank]
+            if doc.get("resumed"):
+                doc["resumed"][-1]["resumed_epoch"] = rest.as_dict()
+        total = done + planned
+        before = stage_times(made["train"])
+
+        def log_batch(timer: EpochTimer, batch: BatchTime) -> None:
+            row = batch if carry is None else carry.shift(batch)
+            log.batch(epoch, timer.start if carry is None else carry.ranks[0].start, row, total)
+            run.step += 1
+            if keeper is not None and keeper.due(run.step, row.index, total):
+                interrupts.check()  # no collective after a signal; one during the save waits for its end
+                with interrupts.deferred():
+                    part = timer.stats(between(before, stage_times(made["train"])))
+                    keeper.mid_epoch(run, log, epoch, row.index, part, carry, made["train"])
+
+        tr = epoch_of("train", epoch, stepper.train_step, planned, log_batch)
+        tr_ranks = group.gather(tr)
+        whole = tr_ranks if carry is None else join_ranks(carry.ranks, tr_ranks)
+        accuracy = stepper.take_accuracy(group.all_sum)
+        log.epoch(results.TRAIN_EPOCH, epoch, whole[0], *accuracy)
+        run.trained.append(whole)
+        record = phase(whole, accuracy, cfg.workers)
+        if carry is not None:
+            here = part_record(tr_ranks, done + 1, cfg.workers, group.world_size)
+            record["parts"] = [*carry.parts, here]
+        entry = {"epoch": epoch, "train": record, "val": None}
+        doc["epochs"].append(entry)
+        interrupts.check()
+        if keeper is not None:
+            with interrupts.deferred():
+                keeper.epoch_end(run, log, epoch, total)
+            interrupts.check()
+        return entry
+
+    log = group.setup(lambda: open_log(out, resume))
     with log, interrupts.deferred():
         status = "failed"
         try:
             for d in made["train"].downloads + made["test"].downloads:
                 log.download(d.split, d.start, d.loading, d.duration, d.samples)
+            if resume is not None and out is not None:
+                whole = {split: p.as_dict() for split, p in plans.items()}
+                run.note_resume(resume, log.cut_rows, cfg.workers, group, whole)
             save("running")
-            for epoch in range(1, cfg.epochs + 1):
+            for epoch in range(run.epoch, cfg.epochs + 1):
+                carry = run.take_carry(epoch)
+                if carry is not None:
+                    made["train"].load_state_dict(carry.loader_state)  # then set_epoch: loaders.resume
                 for loader in made.values():
                     loader.set_epoch(epoch)
-
-                def log_batch(timer: EpochTimer, batch: BatchTime, epoch: int = epoch) -> None:
-                    log.batch(epoch, timer.start, batch, plan["train"])
-
-                tr = epoch_of("train", epoch, stepper.train_step, log_batch)
-                tr_ranks = group.gather(tr)
-                accuracy = stepper.take_accuracy(group.all_sum)
-                log.epoch(results.TRAIN_EPOCH, epoch, tr, *accuracy)
-                trained.append(tr_ranks)
-                entry = {"epoch": epoch, "train": phase(tr_ranks, accuracy, cfg.workers), "val": None}
-                doc["epochs"].append(entry)
-                interrupts.check()
+                if run.validate_first:  # resumed at this epoch's validation: its training is in the doc
+                    run.validate_first = False
+                    entry = doc["epochs"][-1] if out is not None else {}
+                else:
+                    entry = train_epoch(epoch, carry)
                 group.broadcast_buffers(stepper.module)
-                va = epoch_of("test", epoch, stepper.eval_step, None)
+                va = epoch_of("test", epoch, stepper.eval_step, plan["test"], None)
                 va_ranks, rank_counters = map(list, zip(*group.gather((va, stats_now())), strict=True))
                 accuracy = stepper.take_accuracy(group.all_sum)
                 log.epoch(results.VAL_EPOCH, epoch, va, *accuracy)
@@ -331,6 +446,14 @@ def run_epochs(
         finally:
             save(status)  # deferred: a second Ctrl-C must not tear run.json
     return status, doc
+
+
+def open_log(out: Path | None, resume: Resume | None) -> results.CsvLog | results.NoLog:
+    """Rank 0's CSV: a fresh one, or the resumed run's, cut to its checkpoint's offset; NoLog elsewhere."""
+    if out is None:
+        return results.NoLog()
+    at = None if resume is None else (resume.meta["csv"]["offset"], resume.meta["csv"]["sha256"])
+    return results.CsvLog(out / results.CSV_NAME, at)
 
 
 def main(argv: list[str] | None = None) -> int:

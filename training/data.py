@@ -19,8 +19,11 @@ import loaders
 from feedrate.errors import FeedrateError
 from feedrate.manifest import SPLITS, Manifest, load_manifest
 from feedrate.storage import open_store, redact_url
+from loaders.resume import check
+from training.checkpoint import check_unchanged, dataset_digest
 from training.distributed import Group, Topology
 from training.output import output_dir
+from training.runstate import Resume, restartable
 
 
 class DataSettings(Protocol):
@@ -38,6 +41,8 @@ class DataSettings(Protocol):
     verify: bool
     out: Path | None
     overwrite: bool
+    resume: bool
+    checkpoint_dir: Path | None
 
 
 def make_loaders(
@@ -85,16 +90,34 @@ def close_loaders(made: Mapping[str, loaders.Loader]) -> None:
 
 
 def prepare(
-    cfg: DataSettings, group: Group, device: torch.device
+    cfg: DataSettings, group: Group, device: torch.device, resume: Resume | None = None
 ) -> tuple[Path | None, Manifest, dict[str, loaders.Loader]]:
     """(--out checked, not created; the manifest; the loaders), on every rank; rank 0 alone owns --out,
-    the others get None for it."""
-    out = output_dir(cfg.out, cfg.loader, cfg.overwrite) if group.is_main else None
+    the others get None for it.
+
+    `resume`: the checkpoint a run continues (training.runstate): its output directory is the run's,
+    and its dataset and train-loader state are checked against this manifest before any loader is built."""
+    out = None
+    if group.is_main:
+        if resume is not None:
+            out = Path(resume.meta["out"])
+        else:
+            out = output_dir(cfg.out, cfg.loader, cfg.overwrite or restartable(cfg, cfg.out))
     store = open_store(cfg.data, endpoint_url=cfg.endpoint_url)
     store.check_readable()
     manifest = load_manifest(store)
     for split in SPLITS:
         if split not in manifest.splits or manifest.splits[split].samples < 1:
             raise FeedrateError(f"split {split!r} of {redact_url(cfg.data)} is empty or missing")
+    if resume is not None:
+        where = resume.checkpoint.path
+        saved = resume.meta["config"]
+        check_unchanged(saved, {"dataset": dataset_digest(manifest.to_json())}, where)
+        state = resume.meta["loader_state"]
+        if state is not None:
+            try:
+                check(state, cfg.loader, "train", cfg.seed, manifest.splits["train"].samples)
+            except FeedrateError as exc:
+                raise FeedrateError(f"checkpoint {where}: {exc}") from None
     torch.manual_seed(cfg.seed)  # model initialisation and any loader that draws from torch's generator
     return out, manifest, make_loaders(cfg, device, group.topology)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
+from training.stages import summed
+
 T = TypeVar("T")
 
 
@@ -165,6 +167,28 @@ class EpochTimer:
         )
 
 
+def join_parts(before: EpochStats | None, after: EpochStats | None) -> EpochStats:
+    """One rank's epoch from the part before a checkpoint and the part after the resume (either may be
+    missing when the world size changed). Counts and times add up; both parts' first batches are left out
+    of AU (each is a start: of the epoch, of the resumed process), so `first_batch` and `first_step` add
+    up too. `start` is the epoch's first part's."""
+    if before is None or after is None:
+        part = before if after is None else after
+        assert part is not None
+        return part
+    return EpochStats(
+        start=before.start,
+        batches=before.batches + after.batches,
+        samples=before.samples + after.samples,
+        loading=before.loading + after.loading,
+        duration=before.duration + after.duration,
+        compute=before.compute + after.compute,
+        first_batch=before.first_batch + after.first_batch,
+        first_step=before.first_step + after.first_step,
+        stages=summed([before.stages, after.stages]),
+    )
+
+
 def combine(epochs: list[EpochStats]) -> dict[str, float | None]:
     """Figures over several epochs, each epoch's first batch excluded from AU as in `EpochStats.au`."""
     duration = sum(e.duration for e in epochs)
@@ -211,17 +235,18 @@ def across_ranks(ranks: Sequence[EpochStats]) -> dict[str, float | int | None]:
 
 
 def combine_ranks(epochs: Sequence[Sequence[EpochStats]]) -> dict[str, float | None]:
-    """`combine` for a job: `epochs[i][r]` is epoch i of rank r. One rank: exactly `combine`'s figures.
+    """`combine` for a job: `epochs[i][r]` is epoch i of rank r (epochs may have different rank counts
+    when a resumed run changed its world size). One rank: exactly `combine`'s figures.
 
     img/s: all samples over the sum of each epoch's slowest wall time; data-wait fraction and AU: the
     mean over the ranks of each rank's `combine` figure.
     """
     if not epochs:
         return combine([])
-    ranks = len(epochs[0])
+    ranks = max(len(e) for e in epochs)  # a resumed run may have changed its world size
     if ranks == 1:
         return combine([e[0] for e in epochs])
-    per_rank = [combine([e[r] for e in epochs]) for r in range(ranks)]
+    per_rank = [combine([e[r] for e in epochs if r < len(e)]) for r in range(ranks)]
     duration = sum(max(r.duration for r in e) for e in epochs)
     samples = sum(r.samples for e in epochs for r in e)
     return {
