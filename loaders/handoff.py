@@ -85,7 +85,7 @@ class ReaderThreads:
             for message in messages:
                 if not self._put(q, message):
                     return
-            self._put(q, _END)
+            self._put(q, END)
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(q, Failed(exc))
         finally:
@@ -97,14 +97,21 @@ class ReaderThreads:
         turn = deque(range(len(self._queues)))
         while turn:
             reader = turn.popleft()
-            message = self._take(self._queues[reader])
-            if message is _END:
+            message = self.take(reader)
+            if message is END:
                 continue  # this reader is done: it leaves the turn
-            if isinstance(message, Failed):
-                self.stop()
-                raise message.error
             turn.append(reader)
             yield message
+
+    def take(self, reader: int) -> Any:
+        """Reader `reader`'s next message, END once its work has ended; a reader's failure is raised
+        here, after every reader was stopped. For a consumer that keeps the turn itself (a resumed
+        epoch starts mid-turn: loaders.streaming)."""
+        message = self._take(self._queues[reader])
+        if isinstance(message, Failed):
+            self.stop()
+            raise message.error
+        return message
 
     def _take(self, q: queue.Queue) -> Any:
         """The reader's next message: a ready one's hand-off is timed (`queue`), a wait for one is not."""
@@ -126,7 +133,22 @@ class ReaderThreads:
             _drain(q)
 
 
-_END = object()  # a reader's last message when its work ended normally
+END = object()  # a reader's last message when its work ended normally
+
+
+class InlineReader:
+    """One reader run in the consumer's own thread (no threads), with `ReaderThreads`' take/stop."""
+
+    def __init__(self, messages: Iterator[Any]) -> None:
+        self._messages = messages
+
+    def take(self, reader: int) -> Any:
+        return next(self._messages, END)
+
+    def stop(self) -> None:
+        close = getattr(self._messages, "close", None)
+        if close is not None:
+            close()
 
 
 def _drain(q: queue.Queue) -> None:

@@ -269,9 +269,10 @@ class ShardFetcher:
       connection drops (see feedrate.storage).
     With `verify` (the default), a whole shard's sha256 is computed as its bytes arrive, from local disk
     as from a store, and checked before any sample of it is used. A byte range (a part of a shard split
-    between readers) is one ranged GET; it cannot be checked against the whole shard's sha256, so under
-    `verify` (or with a cache) the whole shard is read instead. `bytes_read` counts bytes from the
-    dataset's store; cached copies count as cache hits; `verified_bytes` the shard bytes checked.
+    between ranks or readers, a resumed epoch's remainder) is one ranged GET; it cannot be checked
+    against the whole shard's sha256, so under `verify` (or with a cache) the whole shard is read and
+    sliced instead, counted in `part_reads`. `bytes_read` counts bytes from the dataset's store; cached
+    copies count as cache hits; `verified_bytes` the shard bytes checked.
     """
 
     def __init__(self, root: DatasetRoot, cache_dir: str | Path | None = None, verify: bool = True) -> None:
@@ -280,6 +281,7 @@ class ShardFetcher:
         self.local = isinstance(root.store, LocalStore)
         self.cache = ShardCache(root, cache_dir) if cache_dir and not self.local else None
         self.verified_bytes = 0
+        self.part_reads = 0  # whole shards read (and verified) for a part of them
         self._count_lock = threading.Lock()  # shards are read in prefetch threads
 
     def _verified(self, data: bytearray) -> bytearray:
@@ -293,6 +295,8 @@ class ShardFetcher:
         if start == 0 and end == ref.bytes:
             return memoryview(self._whole(ref))
         if self.cache is not None or self.verify:
+            with self._count_lock:
+                self.part_reads += 1
             return memoryview(self._whole(ref))[start:end]
         return memoryview(self._get(ref.name, start, end, None))
 

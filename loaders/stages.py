@@ -4,7 +4,8 @@ out, count it and name it on stderr (`SkipLog`), never silently.
 
     units ─► load_unit ─► prefetched ─► drawn ─► decoded ─► transformed
              (one read)   (a thread    (shuffle  (uint8     (augment or
-                          ahead)       buffer)   batches)   normalise)
+                          ahead)       buffer)   batches,   normalise)
+                                                 sample ids)
 
 Stage times (loaders.stagetimes), when the reader passes a `StageTimes`: `prefetched` counts the
 reader's wait for a shard's bytes as `storage` (the fetch itself runs in a pool thread, which adds its
@@ -13,7 +14,14 @@ CPU seconds: see streaming.reader_messages); `drawn` counts the shuffle buffer's
 crop, flip and normalise as `augment`. One timed span per batch or shard, never per sample.
 
 Samples are never Python objects of their own: a loaded unit is one buffer plus index arrays, the
-shuffle buffer is two integer arrays, and each stage works a batch at a time.
+shuffle buffer is two integer arrays, and each stage works a batch at a time. Every batch carries its
+samples' ids (loaders.resume's numbering: the shard's first sample number plus the row), one int64
+array per batch, so the consumer can record what it handed out and the augmentation can look a
+sample's draws up by id.
+
+Resuming exactly (loaders.streaming): what the shuffle buffer draws depends only on the units' usable
+positions and the rng, so `skip_draws` replays a reader's first batches on numbers alone -- no read,
+no decode -- and `drawn` continues from there; the units the buffer still held are read again.
 
 What counts as bad data, and what skipping it means:
 - a shard that cannot be used at all (its index is corrupt or disagrees with the manifest, its bytes
@@ -39,7 +47,7 @@ import numpy as np
 import torch
 
 from feedrate.shardformat import ShardError, ShardIndex, TruncatedShard
-from loaders.augment import augment, normalize
+from loaders.augment import EpochDraws, normalize
 from loaders.decode import DecodeError, Decoder, label_problem, parse_labels
 from loaders.partition import Unit
 from loaders.shards import ShardFetcher, ShardRef
@@ -94,6 +102,7 @@ class LoadedUnit:
     base: int
     labels: np.ndarray  # int64, one per sample of the unit
     good: np.ndarray | None = None  # positions of the usable samples (None: all of them)
+    id0: int = 0  # the sample number (loaders.resume) of the sample at position 0: ids are id0 + position
 
     @property
     def samples(self) -> int:
@@ -121,19 +130,27 @@ def load_unit(
     classes: int,
     skips: SkipLog | None = None,
     unusable: str = "",
+    shard_id0: int = 0,
 ) -> LoadedUnit:
     """Read a unit's bytes (one read) and parse its labels; errors name the shard and the sample.
 
     With `skips`, bad samples are left out of the unit's `good` positions and counted instead, and
     `unusable` (why the whole shard cannot be used, found when its index was read) skips all of them.
+    A unit of a subset of a range (`unit.rows`) reads the range and uses only the subset: the others
+    are neither checked nor counted. `shard_id0`: the sample number of the shard's first sample.
     """
     url = fetcher.root.store.url_for(ref.name)
     nothing = np.zeros(0, dtype=np.int64)
+    id0 = shard_id0 + unit.first
+
+    def empty() -> LoadedUnit:
+        return LoadedUnit(url, index, unit.first, unit.stop, memoryview(b""), 0, nothing, nothing, id0)
+
     if unusable:  # only a skipping reader gets here: otherwise the loader refused the shard when built
         if skips is None:
             raise ShardError(unusable)
         skips.skip(url, [], unusable, unit.samples)
-        return LoadedUnit(url, index, unit.first, unit.stop, memoryview(b""), 0, nothing, nothing)
+        return empty()
     base, end = (0, ref.bytes) if unit.whole else index.span(unit.first, unit.stop)
     truncated = ""
     try:
@@ -143,15 +160,19 @@ def load_unit(
         if skips is not None and (fetcher.verify or fetcher.cache is not None):
             # verified reading was asked for, and a part of a shard cannot be checked: none of it is used
             skips.skip(url, [], f"{truncated.removeprefix(f'{url}: ')}; unverifiable", unit.samples)
-            return LoadedUnit(url, index, unit.first, unit.stop, memoryview(b""), 0, nothing, nothing)
+            return empty()
     except ShardError as exc:  # corrupt, longer than the manifest says, or a bad cached copy
         if skips is None:
             raise
         skips.skip(url, [], str(exc).removeprefix(f"{url}: ").removeprefix(url).strip(), unit.samples)
-        return LoadedUnit(url, index, unit.first, unit.stop, memoryview(b""), 0, nothing, nothing)
+        return empty()
     rows = slice(unit.first, unit.stop)
     keys = index.keys[rows]
-    bad = np.zeros(unit.samples, dtype=bool)
+    # samples of the range that are not the unit's count as already bad: never checked, never counted
+    bad = np.zeros(unit.stop - unit.first, dtype=bool)
+    if unit.rows is not None:
+        bad[:] = True
+        bad[unit.positions()] = False
 
     def reject(mask: np.ndarray, reason: str) -> None:
         """Samples `mask` are bad: an error naming the first (no skips), else skipped and counted."""
@@ -170,7 +191,7 @@ def load_unit(
     past = ends - base > len(data)
     if truncated:
         if skips is None:  # name the first sample it cost, when it cost any
-            lost = [keys[i] for i in np.flatnonzero(past)]
+            lost = [keys[i] for i in np.flatnonzero(past & ~bad)]
             more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
             raise ShardError(truncated + (f"; sample {lost[0]}{more} did not arrive whole" if lost else ""))
         reject(past, "its bytes did not all arrive (truncated shard)")
@@ -181,7 +202,7 @@ def load_unit(
         data, index.label_offset[rows] - base, index.label_size[rows], classes, bad, reject
     )
     good = None if not bad.any() else np.flatnonzero(~bad)
-    return LoadedUnit(url, index, unit.first, unit.stop, data, base, labels, good)
+    return LoadedUnit(url, index, unit.first, unit.stop, data, base, labels, good, id0)
 
 
 def _parse_labels(
@@ -258,40 +279,145 @@ def prefetched(
 Draw = list[tuple[LoadedUnit, np.ndarray]]  # one batch: (unit, positions in it) groups
 
 
+class ShuffleBuffer:
+    """The shuffle buffer's bookkeeping, on sample positions only (no bytes): two arrays, the unit
+    number and the position in it of every sample held, rather than a Python object per sample.
+
+    What it draws depends only on the usable positions of the units added and on `rng`, never on the
+    bytes: so `skip_draws` can replay a reader's first draws on numbers alone (an exact resume) and
+    hand the buffer on, in the very state the uninterrupted reader's would be in.
+    """
+
+    def __init__(self, batch: int, buffer: int, rng: np.random.Generator | None) -> None:
+        self.batch, self.buffer, self.rng = batch, buffer, rng
+        self.left: list[int] = []  # per unit added: its samples not drawn yet
+        self.owner = np.zeros(0, dtype=np.int64)
+        self.position = np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def add(self, usable: np.ndarray) -> int:
+        """Put a unit's usable positions in; its unit number."""
+        number = len(self.left)
+        self.left.append(len(usable))
+        self.owner = np.concatenate([self.owner, np.full(len(usable), number)])
+        self.position = np.concatenate([self.position, usable])
+        return number
+
+    def ready(self) -> bool:
+        """Whether a batch may be drawn while units are still to come (the buffer is full)."""
+        return len(self.owner) >= self.buffer + self.batch
+
+    def take(self) -> list[tuple[int, np.ndarray]]:
+        """Draw one batch (at random, or in order without an rng): (unit number, positions) groups,
+        by unit number; a unit drawn to its end has `left` 0."""
+        k = min(self.batch, len(self.owner))
+        picked = np.arange(k) if self.rng is None else self.rng.choice(len(self.owner), size=k, replace=False)
+        keep = np.ones(len(self.owner), dtype=bool)
+        keep[picked] = False
+        picked_owner, picked_position = self.owner[picked], self.position[picked]
+        groups = []
+        for u in np.unique(picked_owner).tolist():
+            positions = picked_position[picked_owner == u]
+            self.left[u] -= len(positions)
+            groups.append((u, positions))
+        self.owner, self.position = self.owner[keep], self.position[keep]
+        return groups
+
+
+@dataclass
+class ResumePoint:
+    """A reader's stream after its first `draws` batches, replayed on numbers (`skip_draws`): the
+    buffer as it then is, the units it still holds samples of (`held`: (unit number, index in the
+    reader's unit list) -- to be read again), the index of the next unit to add, and per batch drawn
+    its sample ids (for checking a state against its consumed set)."""
+
+    draws: int
+    buffer: ShuffleBuffer
+    held: list[tuple[int, int]]
+    next_unit: int
+    ids: list[np.ndarray]
+
+
+def skip_draws(
+    usable: Sequence[np.ndarray],
+    id0: Sequence[int],
+    batch: int,
+    buffer: int,
+    rng: np.random.Generator | None,
+    draws: int,
+) -> ResumePoint:
+    """Replay the first `draws` batches `drawn` would draw from units with these usable positions
+    (and first sample numbers `id0`), on numbers alone; ValueError when the units hold fewer."""
+    shuffle = ShuffleBuffer(batch, buffer, rng)
+    reader_index: list[int] = []  # unit number -> index in the reader's list
+    ids: list[np.ndarray] = []
+    added = 0
+
+    def take() -> None:
+        groups = shuffle.take()
+        ids.append(np.concatenate([id0[reader_index[u]] + p for u, p in groups]))
+
+    if draws:
+        for i, positions in enumerate(usable):
+            added = i + 1
+            if not len(positions):
+                continue
+            reader_index.append(i)
+            shuffle.add(positions)
+            while shuffle.ready() and len(ids) < draws:
+                take()
+            if len(ids) == draws:
+                break
+        while len(ids) < draws and len(shuffle):
+            take()
+        if len(ids) < draws:
+            raise ValueError(f"the units hold {len(ids)} batches, fewer than {draws}")
+    held = [(u, reader_index[u]) for u, left in enumerate(shuffle.left) if left]
+    return ResumePoint(draws, shuffle, held, added, ids)
+
+
 def drawn(
     loaded: Iterable[LoadedUnit],
     batch: int,
     buffer: int,
     rng: np.random.Generator | None,
     stages: StageTimes | None = None,
+    resume: ResumePoint | None = None,
 ) -> Iterator[Draw]:
     """Batches drawn at random from a buffer of >= `buffer` samples (in order when `rng` is None).
 
-    The buffer is two arrays (unit number, position) rather than a Python object per sample; a unit's
-    bytes are dropped as soon as its last sample has been drawn. `stages`: the buffer's work (adding a
-    unit, each draw) is counted as `augment` (batching).
+    A unit's bytes are dropped as soon as its last sample has been drawn. `stages`: the buffer's work
+    (adding a unit, each draw) is counted as `augment` (batching). `resume`: continue where a replay
+    (`skip_draws`) stopped, its buffer and rng as they are; `loaded` then starts with the units it still
+    holds (`resume.held`, in order), followed by the units not added yet.
     """
     span = stages.timed if stages is not None else _untimed
-    units: list[LoadedUnit | None] = []
-    left: list[int] = []
-    owner = np.zeros(0, dtype=np.int64)
-    position = np.zeros(0, dtype=np.int64)
+    shuffle = ShuffleBuffer(batch, buffer, rng) if resume is None else resume.buffer
+    units: list[LoadedUnit | None] = [None] * len(shuffle.left)
+    loaded = iter(loaded)
+    if resume is not None:
+        for number, _ in resume.held:
+            units[number] = next(loaded)
+        while shuffle.ready():  # the replay stopped mid-unit, with a batch still to draw before the next
+            with span("augment"):
+                draw = _draw(units, shuffle)
+            yield draw
     for unit in loaded:
         usable = unit.usable
         if not len(usable):
             continue  # every sample of it was skipped
         with span("augment"):
             units.append(unit)
-            left.append(len(usable))
-            owner = np.concatenate([owner, np.full(len(usable), len(units) - 1)])
-            position = np.concatenate([position, usable])
-        while len(owner) >= buffer + batch:
+            shuffle.add(usable)
+        while shuffle.ready():
             with span("augment"):
-                owner, position, draw = _take(units, left, owner, position, batch, rng)
+                draw = _draw(units, shuffle)
             yield draw
-    while len(owner):
+    while len(shuffle):
         with span("augment"):
-            owner, position, draw = _take(units, left, owner, position, batch, rng)
+            draw = _draw(units, shuffle)
         yield draw
 
 
@@ -303,28 +429,15 @@ def _untimed(stage: str) -> contextlib.AbstractContextManager:
     return _UNTIMED
 
 
-def _take(
-    units: list[LoadedUnit | None],
-    left: list[int],
-    owner: np.ndarray,
-    position: np.ndarray,
-    batch: int,
-    rng: np.random.Generator | None,
-) -> tuple[np.ndarray, np.ndarray, Draw]:
-    k = min(batch, len(owner))
-    picked = np.arange(k) if rng is None else rng.choice(len(owner), size=k, replace=False)
-    keep = np.ones(len(owner), dtype=bool)
-    keep[picked] = False
-    picked_owner, picked_position = owner[picked], position[picked]
+def _draw(units: list[LoadedUnit | None], shuffle: ShuffleBuffer) -> Draw:
     draw: Draw = []
-    for u in np.unique(picked_owner).tolist():
+    for u, positions in shuffle.take():
         unit = units[u]
         assert unit is not None, "a drawn sample's unit is still held"
-        draw.append((unit, picked_position[picked_owner == u]))
-        left[u] -= len(draw[-1][1])
-        if left[u] == 0:
+        draw.append((unit, positions))
+        if shuffle.left[u] == 0:
             units[u] = None
-    return owner[keep], position[keep], draw
+    return draw
 
 
 def decoded(
@@ -334,9 +447,9 @@ def decoded(
     skips: SkipLog | None = None,
     stages: StageTimes | None = None,
 ) -> Iterator[tuple]:
-    """(uint8 images, int64 labels, keys or None) per draw; a bad image names its shard and key, or
-    (with `skips`) is left out of its batch and counted, and the rest of the batch is decoded again.
-    `stages`: each batch's decoding, labels and keys are counted as `decode`."""
+    """(uint8 images, int64 labels, keys or None, int64 sample ids) per draw; a bad image names its
+    shard and key, or (with `skips`) is left out of its batch and counted, and the rest of the batch is
+    decoded again. `stages`: each batch's decoding, labels, keys and ids are counted as `decode`."""
     span = stages.timed if stages is not None else _untimed
     for draw in draws:
         with span("decode"):
@@ -363,23 +476,25 @@ def _decode_draw(draw: Draw, decoder: Decoder, with_keys: bool, skips: SkipLog |
     if images is None:
         return None  # every sample of the draw was skipped
     labels = torch.from_numpy(np.concatenate([unit.labels[positions] for unit, positions in draw]))
+    ids = torch.from_numpy(np.concatenate([unit.id0 + positions for unit, positions in draw]))
     keys = [unit.key(p) for unit, positions in draw for p in positions.tolist()] if with_keys else None
-    return images, labels, keys
+    return images, labels, keys, ids
 
 
 def transformed(
     batches: Iterable[tuple],
-    train: bool,
     layout: str,
-    generator: torch.Generator,
+    draws: EpochDraws | None,
     stages: StageTimes | None = None,
 ) -> Iterator[tuple]:
-    """Batches augmented (training) or only normalised, as float32 NCHW (`stages`: counted as `augment`)."""
+    """Batches augmented by the epoch's per-sample `draws` (training: looked up by sample id, so a
+    sample's crop and flip do not depend on who reads it) or, without draws, only normalised; float32
+    NCHW (`stages`: counted as `augment`)."""
     span = stages.timed if stages is not None else _untimed
-    for images, labels, keys in batches:
+    for images, labels, keys, ids in batches:
         with span("augment"):
-            out = augment(images, generator, layout) if train else normalize(images, layout)
-        yield out, labels, keys
+            out = draws.augment(images, ids, layout) if draws is not None else normalize(images, layout)
+        yield out, labels, keys, ids
 
 
 def _without(draw: Draw, position: int) -> Draw:

@@ -164,13 +164,13 @@ def five_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_over_delivery_is_caught_within_len_batches(
     five_shards: Path, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = streaming.worker_units
+    real = streaming.reader_units
 
-    def duplicated(units, worker, readers, e, seed, shuffle):  # type: ignore[no-untyped-def]
-        mine = real(units, worker, readers, e, seed, shuffle)
-        return mine + mine[:1] if worker == 0 else mine  # worker 0 reads one unit twice
+    def duplicated(units, readers, shard_samples, split):  # type: ignore[no-untyped-def]
+        dealt = real(units, readers, shard_samples, split)
+        return [dealt[0] + dealt[0][:1], *dealt[1:]]  # reader 0 reads one unit twice
 
-    monkeypatch.setattr(streaming, "worker_units", duplicated)
+    monkeypatch.setattr(streaming, "reader_units", duplicated)
     with (
         WdsLoader(config(five_shards, workers=workers)) as loader,
         pytest.raises(FeedrateError, match=rf"yielded 30 samples in epoch 0 and skipped 0, expected {TRAIN}"),

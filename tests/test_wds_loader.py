@@ -18,7 +18,7 @@ from feedrate.shardformat import ShardError, parse_index
 from loaders import CIFAR10_MEAN, CIFAR10_STD, make_loader, streaming
 from loaders.decode import DECODERS, decode_choices, parse_labels
 from loaders.handoff import ReaderThreads
-from loaders.partition import Unit, rank_units, split_units, worker_units
+from loaders.partition import Unit, cut, rank_units, reader_units, shard_order
 from loaders.shards import open_dataset
 from loaders.streaming import WdsLoader
 from tests.helpers import TRAIN, all_keys, build_coded, config, epoch
@@ -74,18 +74,24 @@ def test_ranks_get_disjoint_parts_that_cover_the_split(coded: dict[int, Path], w
 
 
 def test_partition_units() -> None:
-    assert [u.samples for u in split_units([10], 4)] == [2, 3, 2, 3]
-    assert all(u.whole for u in split_units([5, 5, 5], 3))
-    units = rank_units([7, 7], workers=3, rank=0, world_size=1)
-    covered = [(u.shard, i) for u in units for i in range(u.first, u.stop)]
+    assert [u.samples for u in cut(Unit(0, 0, 10, whole=True), 4, 10)] == [2, 3, 2, 3]
+    assert all(u.whole for u in rank_units([5, 5, 5], shard_order(3, 1, 0, shuffle=True), 0, 1))
+    units = rank_units([7, 7], shard_order(2, 0, 0, shuffle=False), rank=0, world_size=1)
+    dealt = reader_units(units, 3, [7, 7], split=True)  # fewer units than readers: cut into ranges
+    assert all(dealt), "no reader idles where ranged reads are allowed"
+    covered = [(u.shard, i) for part in dealt for u in part for i in range(u.first, u.stop)]
     assert sorted(covered) == [(s, i) for s in range(2) for i in range(7)]
-    dealt = [worker_units(units, w, 3, epoch=1, seed=0, shuffle=True) for w in range(3)]
-
-    def order(u: Unit) -> tuple[int, int]:
-        return (u.shard, u.first)
-
-    assert sorted((u for part in dealt for u in part), key=order) == sorted(units, key=order)
-    assert worker_units(units, 5, 6, epoch=0, seed=0, shuffle=False) == [], "an idle worker gets nothing"
+    assert reader_units(units, 6, [7, 7], split=False)[2:] == [[]] * 4, "an idle reader gets nothing"
+    # ranks: contiguous ranges of the epoch's shard order, cut at most world_size - 1 times
+    order = shard_order(3, 2, 0, shuffle=True)
+    parts = [rank_units([5, 5, 5], order, r, 2) for r in range(2)]
+    assert [sum(u.samples for u in p) for p in parts] == [7, 8]
+    assert [(u.shard, u.first, u.stop) for p in parts for u in p] == [
+        (int(order[0]), 0, 5),
+        (int(order[1]), 0, 2),
+        (int(order[1]), 2, 5),
+        (int(order[2]), 0, 5),
+    ]
 
 
 def test_same_seed_same_epoch(coded: dict[int, Path]) -> None:
