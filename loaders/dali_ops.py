@@ -35,10 +35,20 @@ torchvision. Where it runs depends on the device:
   operators work per sample; at 32x32 their per-sample cost dominates: slice with padding ~15 us and
   crop_mirror_normalize ~10 us per image, against ~5 us for the batched torch ops.
 
-Labels: `.cls` holds ASCII digits of any length; they leave the graph zero-padded to a fixed
-width and are turned into integers in one vectorised step on the host (loaders.dali_pipe.parse_labels).
-Parsing them in the graph (slice + cast + weighted sum) cost about 20 us per sample on the CPU, more
-than the whole augmentation.
+Labels: `.cls` holds ASCII digits of any length; they leave the graph as read and are turned into
+integers in one vectorised step on the host (loaders.dali_pipe.parse_labels). Parsing them in the
+graph (slice + cast + weighted sum) cost about 20 us per sample on the CPU, more than the whole
+augmentation. The index files the loader hands the reader widen each label component to its 512-byte
+tar header and first data block (loaders.dali_state), so a label row is that header, which names the
+sample, then the block that holds the digits (from `LABEL_AT`): 1024 bytes for every sample, a dense
+batch with no padding operator.
+
+Checkpoints: every pipeline is built with `enable_checkpointing=True` (DALI: no cost while running;
+measured within noise), and `build_pipeline(spec, checkpoint)` restores one (loaders.dali_state says
+what it holds). With checkpointing on, DALI's `shuffle_after_epoch` draws each epoch's tar order from
+(`order_seed`, the reader's epoch) afresh, so a pipeline's first epoch -- the only one the loader reads
+from a pipeline -- is a function of its seeds alone. The reader's shuffle buffer is seeded by
+`reader_seed`, its own argument, not by whatever DALI derives from the pipeline's seed.
 """
 
 from __future__ import annotations
@@ -52,30 +62,33 @@ from nvidia.dali.pipeline import Pipeline
 from feedrate.manifest import ENCODINGS
 from feedrate.shardformat import LABEL_EXT
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING
+from loaders.dali_state import TAR_BLOCK
 
 READER_NAME = "shards"
 OUTPUT_NAMES = ("images", "labels")
 IMAGE_SIZE = 32
 RAW_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
-# Labels leave the graph padded with NUL bytes to at least this many characters (longer ones widen the
-# batch instead of being cut, so any length parses).
-LABEL_WIDTH = 8
+# A label row: the label member's tar header, then its first data block from LABEL_AT. The loader parses
+# its first LABEL_WIDTH bytes: more than any class index has digits, and enough to show a bad label.
+LABEL_AT = TAR_BLOCK
+LABEL_WIDTH = 64
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     """Everything the graph depends on; one spec, one pipeline."""
 
-    paths: tuple[str, ...]  # local tar files of the split, in manifest order
-    index_paths: tuple[str, ...]  # their DALI index files
+    paths: tuple[str, ...]  # local tar files of the split (or of what is left of it), in manifest order
+    index_paths: tuple[str, ...]  # their DALI index files, label spans widened (loaders.dali_state)
     encoding: str  # "jpg" | "png" | "raw"
     train: bool
     batch_size: int
     threads: int
     prefetch: int  # pipeline prefetch queue depth (batches)
     initial_fill: int  # shuffle buffer (samples)
-    seed: int  # per-rank pipeline seed: augmentation and the shuffle buffer
+    seed: int  # per-rank pipeline seed: the augmentation in the graph
     order_seed: int  # shard-order seed: the same on every rank so their parts stay disjoint
+    reader_seed: int  # per-rank seed of the reader's shuffle buffer
     shard_id: int
     num_shards: int
     device_id: int | None  # None: CPU operators only; else the GPU for decode and augmentation
@@ -90,9 +103,11 @@ class GraphSpec:
             raise ValueError(f"{len(self.paths)} shards but {len(self.index_paths)} index files")
 
 
-def build_pipeline(spec: GraphSpec) -> Pipeline:
+def build_pipeline(spec: GraphSpec, checkpoint: bytes | None = None) -> Pipeline:
     """A built DALI pipeline with outputs `images` (float32 NCHW; with `augment=False` the decoded
-    uint8 NHWC batch) and `labels` (uint8, NUL-padded)."""
+    uint8 NHWC batch) and `labels` (uint8: the label's tar header, then its first data block), at the
+    start of its first epoch or where `checkpoint` (`Pipeline.checkpoint`'s bytes, of a pipeline of the
+    same spec) left one."""
     pipe = _graph(
         spec,
         batch_size=spec.batch_size,
@@ -100,6 +115,8 @@ def build_pipeline(spec: GraphSpec) -> Pipeline:
         device_id=spec.device_id,
         prefetch_queue_depth=spec.prefetch,
         seed=spec.seed,
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
     )
     pipe.build()
     return pipe
@@ -124,6 +141,7 @@ def _graph(spec: GraphSpec):  # type: ignore[no-untyped-def]  # a DALI graph, tr
         missing_component_behavior="skip" if spec.skip_incomplete else "error",
         pad_last_batch=True,
         read_ahead=True,
+        seed=spec.reader_seed,
         shard_id=spec.shard_id,
         num_shards=spec.num_shards,
         **order,
@@ -131,8 +149,7 @@ def _graph(spec: GraphSpec):  # type: ignore[no-untyped-def]  # a DALI graph, tr
     images = decode(encoded, spec.encoding, gpu=spec.device_id is not None, hw_load=spec.hw_decoder_load)
     if spec.augment:
         images = augment_normalise(images, spec.train)
-    labels = fn.pad(cls, axes=[0], shape=[LABEL_WIDTH], fill_value=0)
-    return images, labels
+    return images, cls
 
 
 def decode(encoded, encoding: str, gpu: bool, hw_load: float):  # type: ignore[no-untyped-def]

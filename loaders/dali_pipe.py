@@ -4,15 +4,17 @@ tensors on the device.
 On a GPU, jpg is decoded by nvJPEG (`decoders.image` on device "mixed"), and crop, flip and
 normalisation run on the GPU; DALI's buffers become torch tensors through DLPack, without a trip through
 host memory. Without a GPU, or with `device="cpu"`, DALI's CPU operators (`device_id=None`) read and
-decode, and the batch is cropped, flipped and normalised here by batched torch ops (loaders.augment),
-seeded by (seed, epoch, rank): DALI's per-sample CPU operators cost five times as much at 32x32 (see
+decode, and the batch is cropped, flipped and normalised here by batched torch ops, each sample's crop
+and flip looked up by its id from the epoch's table (loaders.augment.EpochDraws: a function of (seed,
+epoch, sample) alone): DALI's per-sample CPU operators cost five times as much at 32x32 (see
 loaders.dali_ops). Those ops run on one torch thread: the cores are DALI's (`threads`), and torch's
 own intra-op threads spinning against DALI's cost up to ten times the work (measured on 2 cores with
 torch's default 2 threads: 47-247 against 18-22 CPU us per image; where torch has one thread already,
 as train.py sets it with 2 workers on 2 cores, nothing changes).
 
-The graph itself is in loaders.dali_ops; this module finds the shards, owns the pipeline's lifetime
-and epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
+The graph itself is in loaders.dali_ops; which sample is which, the rest of an epoch and DALI's
+checkpoints in loaders.dali_state; this module finds the shards, owns the pipeline's lifetime and
+epoch bookkeeping, and turns DALI's output dicts into `(images, labels)`.
 
 Shards are always read from local disk by DALI's webdataset reader, with shardgen's index files:
 - a local dataset: the files in place;
@@ -24,18 +26,47 @@ Shards are always read from local disk by DALI's webdataset reader, with shardge
   GETs per sample (168 img/s against a local endpoint).
 
 Epochs are exact: every sample of this rank's part exactly once, the last batch partial, `len()` the
-same every epoch (see loaders.dali_ops for the reader settings that make this so). DALI cannot restart a
-pipeline in the middle of an epoch, so an epoch the caller abandons (train.py's --max-batches) is not
-continued: the next `__iter__` builds a fresh pipeline, seeded by (seed, epoch), at a cost of tens of
-milliseconds on the CPU. Epochs that run to the end go on with the same pipeline, whose reader
-reshuffles by itself.
+same every epoch (see loaders.dali_ops for the reader settings that make this so). Every epoch (training
+or evaluation) reads a pipeline built for it, seeded explicitly: the tar order by (seed, epoch), the
+same on every rank, whose parts are contiguous ranges of it; the reader's shuffle buffer by (seed,
+epoch, rank); the GPU's in-graph augmentation by (seed, epoch, rank). So an epoch's batches are a
+function of (seed, epoch, rank, world size) and the options (batch size, initial_fill, the files), not
+of what was read before -- which is what lets a checkpoint continue it. A pipeline that went on by
+itself would order the next epoch from its own history; and under torchrun the ranks do not all
+finish their epochs (train.py stops every rank at the shortest rank's batch count). What a build costs,
+measured on the 2-core machine: for 20,000 raw samples 25-40 ms of CPU (read_ahead reading the tars
+into the page cache ~13 ms of it), then 40-70 ms to the first batch, most of which is the shuffle
+buffer's fill (initial_fill samples read up front that the epoch would read anyway); whole epochs A/B
+against a pipeline that goes on (medians of 12 alternating epochs, batch 256, 2 threads): +60 ms CPU an
+epoch, ~3 us per image at that size. For CIFAR-10's 50,000: 70-115 ms wall to build, 140-250 ms to the
+first batch (a busy host), about 1-2 us per image of a 2.5 s epoch. The first pipeline is built when
+the loader is made (bad data is found then).
 
-Several ranks (world_size > 1) must agree on each epoch's tar order, since their parts are ranges of it.
-A pipeline that went on by itself and one built afresh for the same epoch order it differently, and
-under torchrun the ranks do not all finish their epochs (train.py stops every rank at the shortest
-rank's batch count, so a rank with one more batch abandons its epoch). So with several ranks every
-training epoch starts a pipeline built for that epoch, seeded by (seed, epoch) alone: the same order
-everywhere. (Evaluation reads in stored order and needs no such care.)
+Checkpoints (`state_dict()` / `load_state_dict()`, the contract of loaders.resume):
+- ids: every batch's sample ids come from its label rows (loaders.dali_state: the label component
+  widened over its tar header, which names the sample), marked consumed as the batch is handed out;
+- the same worker and rank counts (and the same options and DALI version, `exact["spec"]`): `exact`
+  holds DALI's own checkpoint of this rank's pipeline (its reader's position and, on a GPU, its random
+  operators' state; a few hundred bytes, base64) and the samples this rank read and yielded; the
+  resumed epoch builds the same pipeline from it and continues with exactly the batches the
+  uninterrupted run would have yielded, augmentation included. DALI fast-forwards its reader by
+  counting, not reading: it reads only what was still in the shuffle buffer (resume to first batch:
+  see tests/test_dali_state.py's measurements). The checkpoint is walked and held to the validated
+  counts before DALI parses it (loaders.dali_state);
+- other counts (elastic), or `exact` unusable (another option, another DALI): the remainder -- the
+  split minus the consumed bitmap -- is written as index files listing only its samples (shards with
+  none left are left out; a temporary directory the loader removes), and DALI deals it to the ranks as
+  any epoch (contiguous parts of its tar order, differing by at most one sample); `samples` and `len()`
+  describe this rank's part. No sample is re-read or decoded to get there;
+- a resumed epoch whose pipeline was itself a remainder keeps that remainder's basis (the bitmap it
+  left out) in `exact["basis"]`, so the same counts can continue it exactly again;
+- skip_bad: samples that lack their image or label are never read (left out of every index), neither
+  yielded nor consumed, and not counted as missing in a remainder; a bad label is read and dropped
+  (`read` counts it, the bitmap does not): an elastic remainder holds it again, and it is dropped (and
+  counted skipped) again.
+On a GPU the same holds (labels, and so ids, stay on the host; the augmentation is DALI's and its
+state is in DALI's checkpoint), but only its CPU twin (the in-graph augmentation built without a GPU)
+is tested here.
 
 Knobs (`LoaderConfig.options`): threads (DALI's CPU thread count; default: `workers`, so `--workers N`
 means N DALI threads here, else 2), prefetch (queue depth, default 2),
@@ -59,9 +90,10 @@ NVTX ranges for an external profiler (Nsight Systems). So:
   while the consumer is elsewhere (the step, the CPU augmentation) is in neither figure: they are what
   the consumer waits for, a lower bound of DALI's own busy time, and one reader's seconds (the wait on
   all of DALI's threads at once), not a sum over them.
-- `augment` (the CPU path only): the label parsing (`label_rows`, batching work) and the torch crop,
-  flip and normalisation, on the consumer's thread (`time.thread_time()`). On a GPU it is absent:
-  merged into `decode`, and the label parsing is then not counted.
+- `augment` (the CPU path only): the sample ids and label parsing (`SampleTable.ids`, `label_rows`,
+  batching work) and the torch crop, flip and normalisation, on the consumer's thread
+  (`time.thread_time()`). On a GPU it is absent: merged into `decode`, and the ids and label parsing
+  are then not counted.
 - `transfer`: the labels made a tensor and, on a GPU, copied to the device (`to_device`). On the CPU
   there is no copy: the stage is next to nothing, measured as such rather than left out.
 - `queue`: absent (DALI's prefetch queue hand-off is inside `decode`'s span).
@@ -80,9 +112,9 @@ Bad data: DALI's own errors name neither the shard nor the sample (a sample with
 underful sample at index line N", an undecodable image is a batch position), so when the pipeline fails
 the loader looks for the culprit itself (loaders.shards.first_bad_sample) and names the shard and key.
 With `skip_bad` (train.py's `--skip-bad`), what DALI can skip is skipped and counted in
-`stats()["skipped"]`, with a line on stderr: samples that lack their image or label (the reader's
-`missing_component_behavior="skip"`: they leave the epoch, counted once per epoch, on rank 0) and labels
-that are not class numbers (dropped from their batch on the host). An image that does not decode stays
+`stats()["skipped"]`, with a line on stderr: samples that lack their image or label (left out of the
+index files DALI reads: they leave the epoch, counted once per epoch, on rank 0) and labels that are not
+class numbers (dropped from their batch on the host). An image that does not decode stays
 an error: DALI's decoders have no per-sample error policy.
 """
 
@@ -90,9 +122,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib
+import json
 import re
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +140,19 @@ import numpy as np
 import torch
 
 from feedrate.errors import FeedrateError
-from loaders.augment import augment, normalize
+from loaders.augment import EpochDraws, normalize
 from loaders.base import Download, LoaderConfig, batches_for
+from loaders.dali_state import (
+    SampleTable,
+    checkpoint_position,
+    decode_checkpoint,
+    encode_checkpoint,
+    rank_part,
+)
 from loaders.decode import MAX_LABEL_DIGITS
 from loaders.localcopy import LocalFiles
 from loaders.options import count, flag, fraction, net_preset, parse_options
+from loaders.resume import Progress, check, decode, encode, exact_for, same_counts
 from loaders.seeds import AUGMENT, ORDER, epoch_seed
 from loaders.shards import DatasetRoot, ShardRef, first_bad_sample, open_dataset
 from loaders.stages import SkipLog
@@ -237,6 +282,38 @@ def _reason(exc: BaseException) -> str:
     return f"{operator.group(1)}: {reason}" if operator else reason
 
 
+@dataclass
+class _Plan:
+    """What one epoch's pipeline serves this rank, and how far it has got (module docstring).
+
+    `basis`: the ids the pipeline's index files leave out (None: the whole split); `readable`: the
+    samples DALI's reader deals to the ranks; `part`, `shard_id`, `num_shards`: this rank's part
+    (loaders.dali_state.rank_part); `offset`/`yielded`: samples read/yielded before the pipeline starts
+    (restored from a checkpoint), `checkpoint`: DALI's, to build it from; `carried`: the consumed bitmap
+    the epoch starts from. `read`/`handed` count on from offset/yielded while it is iterated."""
+
+    epoch: int
+    basis: np.ndarray | None
+    keep: np.ndarray | None  # the ids the index files list (None: the whole split's files)
+    readable: int
+    part: int
+    shard_id: int
+    num_shards: int
+    offset: int = 0
+    yielded: int = 0
+    checkpoint: bytes | None = None
+    carried: np.ndarray | None = None
+    read: int = 0
+    handed: int = 0
+
+    def restart(self) -> _Plan:
+        """This plan at its start, for an iteration."""
+        return dataclasses.replace(self, read=self.offset, handed=self.yielded)
+
+
+EXACT_KEYS = ("spec", "read", "yielded", "dali", "basis")
+
+
 class DaliLoader:
     """A DALI pipeline over a split's shards; yields `(images, labels)` on `cfg.device` (loaders.base)."""
 
@@ -255,11 +332,10 @@ class DaliLoader:
                 f"{', '.join(self._ops.ENCODINGS)}"
             )
         refs = self.root.shards(cfg.split)
-        total = sum(ref.samples for ref in refs)
-        self.samples = rank_samples(total, cfg.rank, cfg.world_size)
-        if self.samples < 1:
+        self.total = sum(ref.samples for ref in refs)
+        if rank_part(self.total, cfg.rank, cfg.world_size)[0] < 1:
             raise FeedrateError(
-                f"rank {cfg.rank} of {cfg.world_size} gets no samples: the {cfg.split} split has {total}"
+                f"rank {cfg.rank} of {cfg.world_size} gets no samples: the {cfg.split} split has {self.total}"
             )
         self.num_classes = len(manifest.class_names)
         if device_id is None:
@@ -270,25 +346,32 @@ class DaliLoader:
         self._skips = SkipLog("dali") if self.options.skip_bad else None
         self._incomplete = 0  # samples of the split the reader leaves out (no image or no label)
         self._epoch = 0
+        self._progress = Progress(self.total)
+        self._resume: _Plan | None = None  # a loaded state's plan, until its epoch is read to the end
+        self._whole: _Plan | None = None  # the current epoch's plan when no state is pending for it
+        self._active: _Plan | None = None  # the iteration under way (or last) in the current epoch
         self._pipe: Any = None
-        self._augment_gen: torch.Generator | None = None  # the epoch's crops and flips on the CPU
         self._iterator: Any = None
-        self._fresh = False  # the current pipeline is at the start of an epoch
-        self._built_for = 0  # the epoch the current pipeline was built for
+        self._built: tuple[int, int] | None = None  # (epoch, id of the plan) the pipeline was built for
+        self._fresh = False  # the current pipeline is at the start of its epoch
         self._stages = StageTimes()  # what stage_times() reports (module docstring)
         # The shards on local disk: in place, or copied whole into the cache (or a temporary directory,
         # removed by close() -- and here, if anything below fails or is interrupted).
         self._files: LocalFiles | None = LocalFiles(
             self.root, cfg.cache_dir, prefix="feedrate-dali-", verify=self.options.verify
         )
+        # DALI's index files (loaders.dali_state); removed by close(), else when the loader is collected
+        # or the interpreter exits (a killed process leaves them: a few MB for CIFAR-10)
+        self._index_dir = Path(tempfile.mkdtemp(prefix="feedrate-dali-idx-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._index_dir, True)
         try:
-            self._setup(refs, total, device_id)
+            self._setup(refs, device_id)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, refs: list[ShardRef], total: int, device_id: int | None) -> None:
-        """Copy the shards when they are remote, and build the first pipeline."""
+    def _setup(self, refs: list[ShardRef], device_id: int | None) -> None:
+        """Copy the shards when they are remote, index the samples, and build the first pipeline."""
         cfg, files = self.cfg, self._files
         assert files is not None
         t0 = time.perf_counter()
@@ -297,17 +380,34 @@ class DaliLoader:
         ]
         paths = files.paths(listed, self.options.net or None)
         self.prefetch_plan: dict[str, object] = files.plan
+        self._tars = tuple(str(p) for p in paths[: len(refs)])
+        self._indexes = tuple(str(p) for p in paths[len(refs) :])  # shardgen's, for _culprit
+        encoding = self.root.manifest.encoding
+        self._table = SampleTable.build(
+            self._tars,
+            [Path(p).read_text(encoding="ascii", errors="replace") for p in self._indexes],
+            [r.samples for r in refs],
+            encoding,
+        )
+        # with skip_bad the samples DALI cannot read whole are left out of every index file; without,
+        # DALI is shown them and fails (and _culprit names the first)
+        self._readable = self._table.complete if self.options.skip_bad else None
+        tars, indexes, readable = self._table.index_files(self._index_dir / "split", self._readable)
+        self._incomplete = self.total - readable
+        if rank_part(readable, cfg.rank, cfg.world_size)[0] < 1:
+            raise FeedrateError(f"rank {cfg.rank} of {cfg.world_size} gets no samples: all were skipped")
         self._spec = self._ops.GraphSpec(
-            paths=tuple(str(p) for p in paths[: len(refs)]),
-            index_paths=tuple(str(p) for p in paths[len(refs) :]),
-            encoding=self.root.manifest.encoding,
+            paths=tuple(tars),
+            index_paths=tuple(indexes),
+            encoding=encoding,
             train=cfg.train,
             batch_size=cfg.batch_size,
             threads=self.options.threads,
             prefetch=self.options.prefetch,
             initial_fill=self.options.initial_fill,
-            seed=0,  # set per pipeline by _build
+            seed=0,  # the seeds are set per pipeline by _build
             order_seed=0,
+            reader_seed=0,
             shard_id=cfg.rank,
             num_shards=cfg.world_size,
             device_id=device_id,
@@ -315,13 +415,8 @@ class DaliLoader:
             skip_incomplete=self.options.skip_bad,
             augment=device_id is not None,  # on the CPU the batch is augmented here (module docstring)
         )
-        self._build()
-        if self.options.skip_bad:
-            readable = int(self._pipe.reader_meta(self._ops.READER_NAME)["epoch_size"])
-            self._incomplete = total - readable
-            self.samples = rank_samples(readable, cfg.rank, cfg.world_size)
-            if self.samples < 1:
-                raise FeedrateError(f"rank {cfg.rank} of {cfg.world_size} gets no samples: all were skipped")
+        self._whole_readable = readable
+        self._build(self._pending())
         if files.started is not None:
             duration = time.perf_counter() - t0
             self.downloads.append(
@@ -338,66 +433,120 @@ class DaliLoader:
             raise FeedrateError(f"device {self.cfg.device!r} was asked for but torch sees no CUDA GPU")
         return self.device.index if self.device.index is not None else torch.cuda.current_device()
 
-    def _build(self) -> None:
-        """A fresh pipeline at the start of epoch `self._epoch` (the old one, if any, is released)."""
+    def _plan(self, epoch: int, basis: np.ndarray | None, **restored: Any) -> _Plan:
+        """The plan of epoch `epoch` for the split without `basis` (None: the whole split)."""
+        if basis is None:
+            keep, readable = None, self._whole_readable
+        else:
+            keep = ~basis if self._readable is None else ~basis & self._readable
+            readable = int(keep.sum())
+        part, shard_id, num_shards = rank_part(readable, self.cfg.rank, self.cfg.world_size)
+        return _Plan(epoch, basis, keep, readable, part, shard_id, num_shards, **restored)
+
+    def _pending(self) -> _Plan:
+        """The plan the next iteration serves: a loaded state's for its epoch, else the whole epoch."""
+        if self._resume is not None and self._resume.epoch == self._epoch:
+            return self._resume
+        if self._whole is None or self._whole.epoch != self._epoch:
+            self._whole = self._plan(self._epoch, None)
+        return self._whole
+
+    def _build(self, plan: _Plan) -> None:
+        """A fresh pipeline at the start of `plan` (the old one, if any, is released)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._iterator = self._pipe = None
+        self._fresh = False
         spec = dataclasses.replace(
             self._spec,
-            # augmentation per rank; the tar order shared by every rank (see the module docstring)
-            seed=epoch_seed(self.cfg.seed, self._epoch, self.cfg.rank, stream=AUGMENT, bits=31),
-            order_seed=epoch_seed(self.cfg.seed, self._epoch, stream=ORDER, bits=31),
+            # the in-graph augmentation and the shuffle buffer per rank; the tar order shared by every
+            # rank (module docstring); worker 1 keeps the buffer's seed apart from the tar order's
+            seed=epoch_seed(self.cfg.seed, plan.epoch, self.cfg.rank, stream=AUGMENT, bits=31),
+            order_seed=epoch_seed(self.cfg.seed, plan.epoch, stream=ORDER, bits=31),
+            reader_seed=epoch_seed(self.cfg.seed, plan.epoch, self.cfg.rank, 1, stream=ORDER, bits=31),
+            shard_id=plan.shard_id,
+            num_shards=plan.num_shards,
         )
-        self._built_for = self._epoch
+        rest = None
+        if plan.keep is not None:  # the rest of an epoch: index files listing only its samples
+            rest = self._index_dir / f"rest-{plan.epoch}"
+            tars, indexes, _ = self._table.index_files(rest, plan.keep)
+            spec = dataclasses.replace(spec, paths=tuple(tars), index_paths=tuple(indexes))
         try:
             with self._dali_span():  # the build reads the shards ahead: storage, merged into decode
-                self._pipe = self._ops.build_pipeline(spec)
-        except RuntimeError as exc:
+                self._pipe = self._ops.build_pipeline(spec, plan.checkpoint)
+                # PARTIAL: the last batch keeps only real samples (the reader's padding is cut off here)
+                self._iterator = DALIGenericIterator(
+                    self._pipe,
+                    list(self._ops.OUTPUT_NAMES),
+                    reader_name=self._ops.READER_NAME,
+                    last_batch_policy=LastBatchPolicy.PARTIAL,
+                    auto_reset=True,
+                    prepare_first_batch=False,
+                )
+        except (RuntimeError, ValueError) as exc:
+            self._iterator = self._pipe = None
+            if plan.checkpoint is not None:
+                raise FeedrateError(f"loader state: DALI cannot restore exact.dali: {_reason(exc)}") from None
             raise DaliError(
                 f"DALI cannot read the {self.cfg.split} shards of {self.root.url}: {_reason(exc)}"
                 + self._culprit()
             ) from None
-        # PARTIAL: the last batch keeps only real samples (the reader's padding is cut off here)
-        self._iterator = DALIGenericIterator(
-            self._pipe,
-            list(self._ops.OUTPUT_NAMES),
-            reader_name=self._ops.READER_NAME,
-            last_batch_policy=LastBatchPolicy.PARTIAL,
-            auto_reset=True,
-            prepare_first_batch=False,
-        )
+        finally:
+            if rest is not None:  # DALI has read the index files when the pipeline is built
+                shutil.rmtree(rest, ignore_errors=True)
+        self._built = (plan.epoch, id(plan))
         self._fresh = True
 
     # -- the loader protocol --------------------------------------------------------------------------
+    @property
+    def samples(self) -> int:
+        """This rank's samples in the current epoch: of the rest of it while a loaded state is pending
+        for it (loaders.resume), else of the whole split."""
+        plan = self._pending()
+        return plan.part - plan.offset
+
     def __len__(self) -> int:
         return batches_for(self.samples, self.cfg.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not self._fresh or (self.cfg.train and self.cfg.world_size > 1 and self._built_for != self._epoch):
-            # the last epoch was abandoned part-way (DALI cannot rewind), or several ranks must start
-            # this epoch from one order (see the module docstring)
-            self._build()
+        source = self._pending()
+        plan = source.restart()
+        self._progress.start(plan.epoch, plan.carried)
+        self._active = plan
+        left = plan.part - plan.offset
+        if left > 0 and not (self._fresh and self._built == (plan.epoch, id(source))):
+            self._build(source)  # DALI cannot rewind: every iteration starts a pipeline of its own
         self._fresh = False
-        self._augment_gen = None
+        draws = None
         if self.cfg.train and not self._spec.augment:
-            self._augment_gen = torch.Generator()
-            self._augment_gen.manual_seed(
-                epoch_seed(self.cfg.seed, self._epoch, self.cfg.rank, stream=AUGMENT)
-            )
+            draws = EpochDraws.draw(self.cfg.seed, plan.epoch, self.total)
         if self._incomplete and self._skips is not None and self.cfg.rank == 0:
             self._skips.skip(self.root.url, [], "it lacks its image or its label", self._incomplete)
-        left = self.samples
+        if left <= 0:
+            self._end_of(source)
+            return
         while left > 0:
-            out = self._next()
+            out = self._next(draws)
             if out is None:
-                raise DaliError(f"DALI ended the epoch {left} samples early (expected {self.samples})")
-            images, labels, read = out
+                raise DaliError(
+                    f"DALI ended the epoch {left} samples early (expected {plan.part - plan.offset})"
+                )
+            images, labels, ids, read = out
             left -= read
+            plan.read += read
             if left == 0:
-                self._finish_epoch()  # before the last yield: a caller may stop right after it
+                self._finish_epoch(plan)  # before the last yield: a caller may stop right after it
+                self._end_of(source)
             if labels.shape[0]:
+                self._progress.mark(ids)
+                plan.handed += len(ids)
                 yield images, labels
+
+    def _end_of(self, source: _Plan) -> None:
+        """The epoch of `source` was read to its end: a loaded state for it is no longer pending."""
+        if self._resume is source:
+            self._resume = None
 
     def _advance(self) -> dict[str, torch.Tensor] | None:
         """DALI's next batch as a dict of torch tensors, or None at the end of the epoch."""
@@ -413,9 +562,9 @@ class DaliLoader:
                 + self._culprit()
             ) from None
 
-    def _next(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """The next non-empty batch of this epoch and the samples DALI read for it (more than the batch
-        holds when bad labels were skipped), or None at the epoch's end."""
+    def _next(self, draws: EpochDraws | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int] | None:
+        """The next non-empty batch of this epoch, its sample ids and the samples DALI read for it (more
+        than the batch holds when bad labels were skipped), or None at the epoch's end."""
         while (out := self._advance()) is not None:
             images = out["images"]
             if images.shape[0] == 0:
@@ -425,23 +574,28 @@ class DaliLoader:
             # every stage here is in the consumer's thread: the step waits for it (loaders.stagetimes)
             on_cpu = not self._spec.augment
             with self._stages.timed("augment", consumer=True) if on_cpu else contextlib.nullcontext():
-                images, values = self._checked_labels(images, out["labels"].numpy())
+                rows = out["labels"].numpy()
+                ids = self._table.ids(rows)
+                label = self._table.labels(rows, ids, self._ops.LABEL_WIDTH)
+                images, values, ids = self._checked_labels(images, label, ids)
                 if not self._spec.augment:  # the decoded uint8 NHWC batch, on the CPU
                     with one_torch_thread():
-                        if self._augment_gen is not None:
-                            images = augment(images, self._augment_gen, layout="NHWC")
+                        if draws is not None:
+                            images = draws.augment(images, torch.from_numpy(ids), layout="NHWC")
                         else:
                             images = normalize(images, "NHWC")
             with self._stages.timed("transfer", consumer=True):
                 labels = torch.from_numpy(values)
                 if self.device.type == "cuda":
                     labels = to_device(labels, self.device)
-            return images, labels, read
+            return images, labels, ids, read
         return None
 
-    def _checked_labels(self, images: torch.Tensor, padded: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        """The batch's images and integer labels, its samples with bad labels dropped (with `skip_bad`;
-        else a DaliError naming the dataset and the first bad sample)."""
+    def _checked_labels(
+        self, images: torch.Tensor, padded: np.ndarray, ids: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """The batch's images, integer labels and ids, its samples with bad labels dropped (with
+        `skip_bad`; else a DaliError naming the dataset and the first bad sample)."""
         values, bad = label_rows(padded, self.num_classes)
         if bad.any():
             reason = _bad_label(padded, values, bad, self.num_classes)
@@ -449,8 +603,8 @@ class DaliLoader:
                 raise DaliError(f"{self.root.url}: {reason}" + self._culprit())
             self._skips.skip(self.root.url, [], reason, int(bad.sum()))
             keep = torch.from_numpy(np.flatnonzero(~bad))
-            images, values = images[keep.to(images.device)], values[~bad]
-        return images, values
+            images, values, ids = images[keep.to(images.device)], values[~bad], ids[~bad]
+        return images, values, ids
 
     @contextlib.contextmanager
     def _dali_span(self) -> Iterator[None]:
@@ -470,33 +624,152 @@ class DaliLoader:
     def _culprit(self) -> str:
         """`; the first bad sample: SHARD: sample KEY: why`, or "" when none is found (see the module
         docstring). Only called when DALI has already failed: it reads and decodes every shard."""
-        for tar, idx in zip(self._spec.paths, self._spec.index_paths, strict=True):
+        for tar, idx in zip(self._tars, self._indexes, strict=True):
             found = first_bad_sample(Path(tar), Path(idx), self.root.manifest.encoding, self.num_classes)
             if found is not None:
                 return f"; the first bad sample: {found}"
         return ""
 
-    def _finish_epoch(self) -> None:
-        """Run the reader to its epoch end (padding only is left), so the next epoch starts clean."""
+    def _finish_epoch(self, plan: _Plan) -> None:
+        """Run the reader to its epoch end (padding only is left)."""
         while (out := self._advance()) is not None:
             if out["images"].shape[0]:
-                raise DaliError(f"DALI yielded more than the {self.samples} samples of this epoch")
-        self._fresh = True
-        self._epoch += 1
+                raise DaliError(f"DALI yielded more than the {plan.part} samples of this epoch")
 
     def set_epoch(self, epoch: int) -> None:
-        """Seed the next pipeline built with (seed, epoch). A pipeline that finished its last epoch goes
-        on: its reader reshuffles every epoch by itself, deterministically from the seeds it was built
-        with."""
+        """The epoch the next iteration reads (its pipeline is seeded by it); another epoch than a loaded
+        state's ends that state."""
+        if self._resume is not None and self._resume.epoch != epoch:
+            self._resume = None
         self._epoch = epoch
+        self._active = None  # the consumed set restarts, and with it the position
+        self._progress.start(epoch, self._resume.carried if self._resume is not None else None)
+
+    # -- checkpoints (loaders.resume; module docstring) ------------------------------------------------
+    def _fingerprint(self) -> str:
+        """What else must match for `exact` to continue a pipeline: DALI's version and the options that
+        shape an epoch's batches (not the files' directories: a copy elsewhere is the same data)."""
+        import nvidia.dali
+
+        spec = self._spec
+        doc = [
+            nvidia.dali.__version__,
+            spec.encoding,
+            spec.train,
+            spec.batch_size,
+            spec.initial_fill,
+            spec.prefetch,
+            spec.augment,
+            spec.skip_incomplete,
+            [Path(p).name for p in self._tars],
+        ]
+        return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank is in the current epoch (loaders.resume), with `exact`: the fingerprint,
+        the samples read and yielded, DALI's checkpoint while the epoch is part-way, and the basis of
+        a remainder pipeline (module docstring). Between batches only."""
+        plan = self._active if self._active is not None else self._pending().restart()
+        dali = None
+        if 0 < plan.read < plan.part:
+            if plan is self._active and self._iterator is not None and plan.read > plan.offset:
+                dali = encode_checkpoint(self._iterator.checkpoints()[0])
+            elif plan.checkpoint is not None:
+                dali = encode_checkpoint(plan.checkpoint)
+        exact = {
+            "spec": self._fingerprint(),
+            "read": plan.read,
+            "yielded": plan.handed,
+            "dali": dali,
+            "basis": None if plan.basis is None else encode(plan.basis),
+        }
+        return self._progress.state(
+            "dali", self.cfg.split, self.cfg.seed, self.cfg.workers, self.cfg.world_size, exact
+        )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Serve only what `state` has not consumed when its epoch is read: exactly as the uninterrupted
+        run would have with the same counts (and a usable `exact`), else the remainder dealt out again
+        (module docstring). Everything is validated (a FeedrateError names the bad value); the loader is
+        left at the state's epoch."""
+        consumed = check(state, "dali", self.cfg.split, self.cfg.seed, self.total)
+        epoch = state["epoch"]
+        plan = None
+        if same_counts(state, self.cfg.workers, self.cfg.world_size):
+            plan = self._exact_plan(state, consumed, epoch)
+        if plan is None:  # elastic: the rest of the split, dealt out again
+            plan = self._plan(epoch, consumed, carried=consumed)
+        self._resume = plan
+        self.set_epoch(epoch)
+
+    def _exact_plan(self, state: Mapping[str, Any], consumed: np.ndarray, epoch: int) -> _Plan | None:
+        """The plan that continues this rank's pipeline from `state`'s `exact`, validated; None when it
+        cannot be used (none given, or made with other options or another DALI)."""
+        exacts = state["ranks"] if isinstance(state.get("ranks"), list) else [state.get("exact")]
+        if len(exacts) != self.cfg.world_size or any(e is None for e in exacts):
+            return None
+        for e in exacts:
+            if not isinstance(e, Mapping) or set(e) != set(EXACT_KEYS):
+                raise FeedrateError(f"loader state: exact must be a mapping of {', '.join(EXACT_KEYS)}")
+        fingerprint = self._fingerprint()
+        if any(e["spec"] != fingerprint for e in exacts):
+            return None
+        mine = exact_for(state, self.cfg.rank)
+        basis = mine["basis"]
+        if basis is not None:
+            if not isinstance(basis, str):
+                raise FeedrateError("loader state: exact.basis must be a bitmap (base64 text) or null")
+            basis = decode(basis, self.total)
+            if (basis & ~consumed).any():
+                raise FeedrateError("loader state: exact.basis holds samples its `consumed` lacks")
+        if any(e["basis"] != mine["basis"] for e in exacts):
+            raise FeedrateError("loader state: the ranks' exact.basis differ")
+        plan = self._plan(epoch, basis, carried=consumed)
+        for key in ("read", "yielded"):
+            value = mine[key]
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= plan.part:
+                raise FeedrateError(f"loader state: exact.{key} {value!r}; accepted: 0..{plan.part}")
+        read, yielded = mine["read"], mine["yielded"]
+        handed = [e["yielded"] for e in exacts]
+        if not all(isinstance(h, int) for h in handed) or yielded > read:
+            raise FeedrateError(f"loader state: exact.yielded {handed!r} must be integers <= exact.read")
+        left_out = 0 if basis is None else int(basis.sum())
+        if left_out + sum(handed) != state["count"]:
+            raise FeedrateError(
+                f"loader state: count {state['count']} is not the {left_out} samples left out before "
+                f"plus the {sum(handed)} the ranks yielded (exact.yielded)"
+            )
+        checkpoint = None
+        if 0 < read < plan.part:
+            if mine["dali"] is None:
+                raise FeedrateError(
+                    f"loader state: exact.dali is missing for a rank {read} samples into its part"
+                )
+            checkpoint = decode_checkpoint(mine["dali"])
+            at = checkpoint_position(checkpoint, self._ops.READER_NAME)
+            batch = self.cfg.batch_size
+            want = (0, read, read // batch, read, [plan.shard_id])
+            got = (at.reader_epoch, at.reader_age, at.batches, at.counter, at.shards_id)
+            if read % batch or got != want:
+                raise FeedrateError(
+                    f"loader state: exact.dali is at (reader epoch, samples, batches, counted, shard) {got}; "
+                    f"exact.read {read} says {want}"
+                )
+        elif mine["dali"] is not None:
+            raise FeedrateError(
+                f"loader state: exact.dali given for a rank {read} samples into its part of {plan.part}"
+            )
+        return dataclasses.replace(plan, offset=read, yielded=yielded, checkpoint=checkpoint)
 
     def stats(self) -> dict[str, int]:
         return self._files.stats(self._skips.count if self._skips else 0).as_dict()
 
     def close(self) -> None:
-        """Release the pipeline and remove a temporary copy of the shards (a cache directory stays)."""
+        """Release the pipeline and remove the loader's index files and a temporary copy of the shards
+        (a cache directory stays)."""
         self._iterator = self._pipe = None
         self._fresh = False
+        self._cleanup()
         if self._files is not None:
             self._files.close()
 

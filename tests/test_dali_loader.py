@@ -205,8 +205,9 @@ def test_augmentation_is_a_zero_padded_crop_and_a_flip(datasets: dict[str, Path]
 
 @needs_dali
 def test_the_cpu_augmentation_is_fixed_by_the_seed(datasets: dict[str, Path]) -> None:
-    """On the CPU the batch is cropped and flipped by torch, from a generator seeded by (seed, epoch,
-    rank): the same seed gives the same epoch pixel for pixel; another epoch or seed gives others."""
+    """On the CPU the batch is cropped and flipped by torch, each sample as the epoch's table says
+    (loaders.augment.EpochDraws, from (seed, epoch)): the same seed gives the same epoch pixel for pixel;
+    another epoch or seed gives others."""
     epochs = {}
     for seed, epoch in ((1, 0), (1, 0), (1, 1), (2, 0)):
         ld = dali(datasets["grad"], batch_size=64, seed=seed)
