@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from feedrate.errors import FeedrateError
-from feedrate.shardformat import LABEL_EXT, split_member_name
+from feedrate.shardformat import LABEL_EXT
 
 TAR_BLOCK = 512  # a tar header: the widened label component starts this far before the label's data
 LABEL_SPAN = 2 * TAR_BLOCK  # bytes of the widened label component: the header and the first data block
@@ -246,12 +246,6 @@ def _hash(words: np.ndarray) -> np.ndarray:
     h ^= h >> np.uint64(31)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     return h ^ (h >> np.uint64(29))
-
-
-def member_key(row: np.ndarray) -> str:
-    """The sample key a label row names (for messages)."""
-    name = bytes(row[:NAME_FIELD]).split(b"\0", 1)[0].decode("ascii", "replace")
-    return split_member_name(name)[0]
 
 
 # -- DALI's checkpoint ----------------------------------------------------------------------------------
