@@ -125,6 +125,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -282,6 +283,24 @@ def _reason(exc: BaseException) -> str:
     return f"{operator.group(1)}: {reason}" if operator else reason
 
 
+INDEX_DIR_PREFIX = "feedrate-dali-idx-"  # then the owning process's id, "-", a random part
+
+
+def _sweep_index_dirs() -> None:
+    """Remove the index directories of dali loaders whose process no longer runs (killed: no finalizer
+    ran). One that cannot be told apart from a live process's is left."""
+    for path in Path(tempfile.gettempdir()).glob(f"{INDEX_DIR_PREFIX}*-*"):
+        pid = path.name[len(INDEX_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # another user's live process (or no such pid at all on this system)
+
+
 @dataclass
 class _Plan:
     """What one epoch's pipeline serves this rank, and how far it has got (module docstring).
@@ -361,8 +380,10 @@ class DaliLoader:
             self.root, cfg.cache_dir, prefix="feedrate-dali-", verify=self.options.verify
         )
         # DALI's index files (loaders.dali_state); removed by close(), else when the loader is collected
-        # or the interpreter exits (a killed process leaves them: a few MB for CIFAR-10)
-        self._index_dir = Path(tempfile.mkdtemp(prefix="feedrate-dali-idx-"))
+        # or the interpreter exits; a killed process leaves them (a few MB for CIFAR-10), so the next
+        # loader removes those of processes that are gone
+        _sweep_index_dirs()
+        self._index_dir = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIR_PREFIX}{os.getpid()}-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._index_dir, True)
         try:
             self._setup(refs, device_id)

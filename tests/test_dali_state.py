@@ -432,3 +432,27 @@ def test_an_empty_label_is_a_bad_label_not_the_next_members_header(tmp_path: Pat
         got = ids(take(loader), id_of(root))
         assert sorted(got) == sorted(set(range(30)) - {id_of(root)[int(key.rsplit("_", 1)[1])]})
         assert loader.stats()["skipped"] == 1
+
+
+@needs_dali
+def test_a_killed_loaders_index_files_are_swept_by_the_next(raw: Path) -> None:
+    """A killed process runs no finalizer; the next loader removes index directories whose process is
+    gone, and leaves a live one's."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from loaders.dali_pipe import INDEX_DIR_PREFIX
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIR_PREFIX}{int(gone.stdout)}-"))
+    live = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIR_PREFIX}1-"))  # pid 1 runs
+    try:
+        with dali(raw):
+            assert not dead.exists() and live.exists()
+    finally:
+        for path in (dead, live):
+            if path.exists():
+                path.rmdir()
