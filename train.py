@@ -26,7 +26,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +53,6 @@ from training.runstate import (
     Keeper,
     Resume,
     RunState,
-    apply,
     find_resume,
     frozen,
     join_ranks,
@@ -319,25 +317,16 @@ def run_epochs(
             if out is not None:  # rank 0
                 run.doc = describe(asdict(cfg), out, manifest, stepper, made, plans, group, ranks)
         else:
-            started = time.time()
-            run = RunState.resumed(resume, out is not None)
-            run.resume_started = started
-            apply(resume, stepper, group, device)  # model, optimiser, scaler, generators
-            if run.carry is not None and group.is_main:
-                stepper.add_counts(run.carry.accuracy)  # the epoch's accuracy so far, summed once
-            say_main = say if group.is_main else lambda line: None
-            say_main(
-                f"resuming from {resume.checkpoint.path} (epoch {run.epoch}, {resume.meta['batch']} "
-                f"batches done, {resume.meta['phase']}; step {run.step})"
-            )
+            run = RunState.resume_into(resume, stepper, group, device)  # model, optimiser, generators
+            if group.is_main:
+                say(f"resuming from {resume.describe()}")
         doc = run.doc
         rank_counters = group.gather(stats_now())
         settings = frozen(cfg, dataset_digest(manifest.to_json()))
         keeper = None
         if cfg.checkpoint_dir is not None:
-            every = cfg.checkpoint_every
             keeper = Keeper(
-                cfg.checkpoint_dir, every, group, device, stepper, settings, out, cfg.workers, stats_now
+                cfg.checkpoint_dir, cfg.checkpoint_every, group, stepper, settings, out, cfg.workers
             )
 
     def save(status: str) -> None:
@@ -385,7 +374,7 @@ def run_epochs(
                 interrupts.check()  # no collective after a signal; one during the save waits for its end
                 with interrupts.deferred():
                     part = timer.stats(between(before, stage_times(made["train"])))
-                    keeper.mid_epoch(run, log, epoch, row.index, part, carry, made["train"])
+                    keeper.mid_epoch(run, log, epoch, row.index, part, carry, made["train"], stats_now())
 
         tr = epoch_of("train", epoch, stepper.train_step, planned, log_batch)
         tr_ranks = group.gather(tr)
@@ -402,11 +391,12 @@ def run_epochs(
         interrupts.check()
         if keeper is not None:
             with interrupts.deferred():
-                keeper.epoch_end(run, log, epoch, total)
+                keeper.epoch_end(run, log, epoch, total, stats_now())
             interrupts.check()
         return entry
 
-    log = group.setup(lambda: open_log(out, resume))
+    at = None if resume is None else resume.csv_position  # a resumed CSV is cut there, then appended to
+    log = group.setup(lambda: results.NoLog() if out is None else results.CsvLog(out / results.CSV_NAME, at))
     with log, interrupts.deferred():
         status = "failed"
         try:
@@ -446,14 +436,6 @@ def run_epochs(
         finally:
             save(status)  # deferred: a second Ctrl-C must not tear run.json
     return status, doc
-
-
-def open_log(out: Path | None, resume: Resume | None) -> results.CsvLog | results.NoLog:
-    """Rank 0's CSV: a fresh one, or the resumed run's, cut to its checkpoint's offset; NoLog elsewhere."""
-    if out is None:
-        return results.NoLog()
-    at = None if resume is None else (resume.meta["csv"]["offset"], resume.meta["csv"]["sha256"])
-    return results.CsvLog(out / results.CSV_NAME, at)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,7 +46,7 @@ def good_meta(phase: str = "val", epoch: int = 1, world_size: int = 1) -> dict[s
         "schedule": {"step": 4, "total": 12},
         "out": "/somewhere/run",
         "csv": {"offset": 200, "sha256": "0" * 64},
-        "doc": {"epochs": []},
+        "doc": {"epochs": [{"epoch": e} for e in range(1, epoch + (phase == "val"))]},
         "trained": [[dict(STATS)] * world_size] * (epoch - (phase == "train")),
         "counters": {"train": {"bytes_read": 10}},
         "rng": [checkpoint.host_rng()] * world_size,
@@ -219,6 +219,7 @@ BAD = [
     ("rng count", lambda m: m.update(rng=[]), "rng []"),
     ("rng state", lambda m: m["rng"][0]["numpy"].__setitem__(1, [1, 2]), "rng[0]"),
     ("loader state at epoch end", lambda m: m.update(loader_state={}), "loader_state {}"),
+    ("the epoch's record", lambda m: m["doc"].update(epochs=[]), "doc.epochs []"),
 ]
 
 

@@ -13,8 +13,9 @@ Writing (`save`): both files go to `DIR/.tmp-<step>-<random>/`, each fsynced, th
 one `os.rename` gives it its final name (a directory rename is atomic) and DIR is fsynced. A process
 killed at any point leaves either the complete checkpoint or a `.tmp-*` directory, which is never read
 and is deleted by the next successful save, together with every checkpoint but the newest KEEP.
-FEEDRATE_CHECKPOINT_TEST_PAUSE=S (a test seam, documented here and nowhere used otherwise) sleeps S
-seconds between the fsynced files and the rename, so a test can SIGKILL a save half-way.
+FEEDRATE_CHECKPOINT_TEST_PAUSE=S[@N] (a test seam, documented here and used by no run otherwise) sleeps S
+seconds between the fsynced files and the rename (in saves of step N or later), so a test can SIGKILL a
+save half-way.
 
 Reading (`latest`): the newest `ckpt-*` whose files are whole -- meta.json parses, tensors.pt has the
 size and sha256 it names -- is the one resumed from; a torn or damaged one is passed over with a note
@@ -126,9 +127,7 @@ def save(directory: Path, step: int, tensors: Mapping[str, Any], meta: Mapping[s
             del data
             _write_synced(tmp / META, (json.dumps(body, default=str) + "\n").encode())
             _fsync_dir(tmp)
-            pause = os.environ.get(PAUSE_ENV, "").strip()
-            if pause:
-                time.sleep(float(pause))  # the test seam: a SIGKILL now leaves only the .tmp directory
+            _test_pause(step)  # a SIGKILL now leaves only the .tmp directory
             final = directory / checkpoint_name(step)
             aside = None
             if final.exists():
@@ -143,6 +142,20 @@ def save(directory: Path, step: int, tensors: Mapping[str, Any], meta: Mapping[s
     except OSError as exc:
         raise FeedrateError(f"cannot write a checkpoint in {directory}: {exc.strerror or exc}") from None
     return final
+
+
+def _test_pause(step: int) -> None:
+    """The test seam (module docstring): FEEDRATE_CHECKPOINT_TEST_PAUSE=S sleeps S seconds in every save,
+    =S@N only in saves of step N or later (so that an earlier checkpoint is complete)."""
+    text = os.environ.get(PAUSE_ENV, "").strip()
+    if not text:
+        return
+    seconds, _, first = text.partition("@")
+    try:
+        if step >= int(first or 0):
+            time.sleep(float(seconds))
+    except ValueError:
+        raise FeedrateError(f"{PAUSE_ENV}={text!r}; expected SECONDS or SECONDS@STEP") from None
 
 
 def _rotate(directory: Path) -> None:
@@ -337,6 +350,9 @@ def validate(meta: Mapping[str, Any], where: Path | str) -> None:
     if not isinstance(doc, dict) or not isinstance(doc.get("epochs"), list):
         raise _bad(where, "doc", doc, "the run.json document (a mapping with an `epochs` list)")
     mid_epoch = meta["phase"] == "train"
+    last = doc["epochs"][-1] if doc["epochs"] else None
+    if not mid_epoch and not (isinstance(last, dict) and last.get("epoch") == epoch):
+        raise _bad(where, "doc.epochs", doc["epochs"][-1:], f"the record of epoch {epoch}'s training last")
     if mid_epoch and batch < 1:
         raise _bad(where, "batch", batch, "an integer >= 1 in a mid-epoch checkpoint")
     if mid_epoch != isinstance(meta.get("loader_state"), dict):

@@ -43,6 +43,7 @@ class DataSettings(Protocol):
     overwrite: bool
     resume: bool
     checkpoint_dir: Path | None
+    checkpoint_every: int | None
 
 
 def make_loaders(
@@ -120,4 +121,13 @@ def prepare(
             except FeedrateError as exc:
                 raise FeedrateError(f"checkpoint {where}: {exc}") from None
     torch.manual_seed(cfg.seed)  # model initialisation and any loader that draws from torch's generator
-    return out, manifest, make_loaders(cfg, device, group.topology)
+    made = make_loaders(cfg, device, group.topology)
+    if cfg.checkpoint_every is not None or (resume is not None and resume.meta["loader_state"] is not None):
+        lacking = [split for split, loader in made.items() if not hasattr(loader, "load_state_dict")]
+        if lacking:
+            close_loaders(made)
+            raise FeedrateError(
+                f"the {cfg.loader} loader cannot say where it is in an epoch (no state_dict()), so it "
+                "cannot checkpoint mid-epoch or resume; use --checkpoint-dir without --checkpoint-every"
+            )
+    return out, manifest, made

@@ -102,6 +102,18 @@ class Resume:
     def meta(self) -> dict[str, Any]:
         return self.checkpoint.meta
 
+    @property
+    def csv_position(self) -> tuple[int, str]:
+        """(offset, sha256) of the CSV as the checkpoint saw it (training.results.CsvLog resume_at)."""
+        return self.meta["csv"]["offset"], self.meta["csv"]["sha256"]
+
+    def describe(self) -> str:
+        meta = self.meta
+        return (
+            f"{self.checkpoint.path} (epoch {meta['epoch']}, {meta['batch']} batches done, {meta['phase']}; "
+            f"step {meta['step']})"
+        )
+
     def schedule_step(self, total: int) -> int:
         saved = self.meta["schedule"]
         return checkpoint.schedule_step(saved["step"], saved["total"], total)
@@ -200,6 +212,18 @@ class RunState:
             validate_first=meta["phase"] == "val",
         )
 
+    @classmethod
+    def resume_into(cls, resume: Resume, stepper: Stepper, group: Group, device: torch.device) -> RunState:
+        """The state `resume` describes, its checkpoint loaded into the model, optimiser, scaler and
+        generators (`apply`); the time this began is kept for resume_s."""
+        started = time.time()
+        run = cls.resumed(resume, group.is_main)
+        run.resume_started = started
+        apply(resume, stepper, group, device)
+        if run.carry is not None and group.is_main:
+            stepper.add_counts(run.carry.accuracy)  # the epoch's accuracy so far, on one rank: summed once
+        return run
+
     def take_carry(self, epoch: int) -> Carry | None:
         """The carried part when `epoch` is the resumed one (once)."""
         carry, self.carry = (self.carry, None) if epoch == self.epoch else (None, self.carry)
@@ -267,22 +291,18 @@ class Keeper:
         directory: Path,
         every: int | None,
         group: Group,
-        device: torch.device,
         stepper: Stepper,
         settings: Mapping[str, Any],
         out: Path | None,
         workers: int,
-        counters_now: Callable[[], dict[str, dict[str, int]]],
     ) -> None:
         self.directory = Path(directory)
         self.every = every
         self.group = group
-        self.device = device
         self.stepper = stepper
         self.settings = dict(settings)  # FROZEN values, dataset included
         self.out = None if out is None else Path(out).resolve()
         self.workers = workers
-        self.counters_now = counters_now
         self.saved: list[tuple[int, float]] = []  # (step, seconds) of each save by this process
 
     def summary(self) -> dict[str, Any]:
@@ -310,14 +330,23 @@ class Keeper:
         part: EpochStats,
         carry: Carry | None,
         loader: loaders.Loader,
+        counters: dict[str, dict[str, int]],
     ) -> None:
-        """A checkpoint after batch `batch` of training epoch `epoch` (this process's `part` of it)."""
+        """A checkpoint after batch `batch` of training epoch `epoch` (this process's `part` of it);
+        `counters`: this rank's loaders' now."""
         mine = {"loader": loader.state_dict(), "part": asdict(part), "accuracy": self.stepper.counts()}
-        self._save(run, log, epoch, batch, "train", mine, carry)
+        self._save(run, log, epoch, batch, "train", mine | {"counters": counters}, carry)
 
-    def epoch_end(self, run: RunState, log: CsvLog | NoLog, epoch: int, batches: int) -> None:
+    def epoch_end(
+        self,
+        run: RunState,
+        log: CsvLog | NoLog,
+        epoch: int,
+        batches: int,
+        counters: dict[str, dict[str, int]],
+    ) -> None:
         """A checkpoint after epoch `epoch`'s training, before its validation."""
-        self._save(run, log, epoch, batches, "val", {}, None)
+        self._save(run, log, epoch, batches, "val", {"counters": counters}, None)
 
     def _save(
         self,
@@ -330,11 +359,7 @@ class Keeper:
         carry: Carry | None,
     ) -> None:
         t0 = time.perf_counter()
-        mine |= {
-            "rng": checkpoint.host_rng(),
-            "torch_rng": checkpoint.torch_rng(self.device),
-            "counters": self.counters_now(),
-        }
+        mine |= {"rng": checkpoint.host_rng(), "torch_rng": checkpoint.torch_rng(self.stepper.device)}
         ranks = self.group.gather(mine)
 
         def write() -> None:
