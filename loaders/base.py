@@ -15,11 +15,17 @@ an absent stage meaning "not separable"). The training loop reads it before and 
 through `loaders.stagetimes.stage_times`, which treats a loader without it as reporting no stages; so
 it is documented on `Loader` but not declared there (`isinstance(x, Loader)` does not require it).
 The torchvision, wds and tensor loaders implement it.
+
+Checkpoints: `state_dict()` says, between two batches, which samples of the split the loader has handed
+out in the epoch under way, and `load_state_dict(state)` makes the loader's next pass over that epoch
+serve only the rest, dealt to the current ranks and workers (the contract, and why it is a set of
+samples rather than one position: loaders.resume). train.py saves the states of every rank, merged,
+in its checkpoints and gives them back on `--resume` (training.checkpoint).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -94,6 +100,17 @@ class Loader(Protocol):
     def stats(self) -> dict[str, int]:
         """Counters for run.json: bytes_read, requests, retries, cache_hits, cache_misses, skipped,
         verified_bytes (loaders.stats.LoaderStats)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader is in its epoch, as JSON-able data (loaders.resume's keys): the samples it has
+        handed out in the epoch under way, and what lets the same counts continue exactly."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Serve only the rest of `state`'s epoch when that epoch is next read (`samples` and `len()`
+        then describe this rank's part of the rest); a state of another loader, split, seed or dataset,
+        or a malformed one, is a FeedrateError naming the bad value."""
         ...
 
     # Optional, not declared (see the module docstring): stage_times() -> Snapshot | None, cumulative
