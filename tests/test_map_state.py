@@ -200,7 +200,7 @@ def test_bad_states_are_refused_in_one_line(root: str, name: str) -> None:
         "bitmap": (_bad(state, consumed="not base64!"), "not base64"),
         "short": (_bad(state, consumed=encode(bits[:200])), "a split of 300 samples needs 38 bytes"),
         "count": (_bad(state, count=state["count"] + 1), "its count says"),
-        "epoch": (_bad(state, epoch=0), "epoch 0 must be an integer >= 1"),
+        "epoch": (_bad(state, epoch=-1), "epoch -1 must be an integer >= 0"),
         "missing": ({k: v for k, v in state.items() if k != "workers"}, "lacks workers"),
         "type": ([state], "expected a mapping"),
     }
