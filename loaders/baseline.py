@@ -62,7 +62,7 @@ from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, Load
 from loaders.batches import SplitOrder, load_split
 from loaders.options import BATCH_READER_OPTIONS, parse_options
 from loaders.seeds import AUGMENT, epoch_seed
-from loaders.shards import open_dataset
+from loaders.shards import dataset_key, open_dataset
 from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.transfer import pins, to_device
 
@@ -192,7 +192,14 @@ class TorchvisionLoader:
         # part (every world_size-th sample, no repeats) and what was handed out: loaders.batches.SplitOrder,
         # the tensor loader's. The sampler serves the part; the DataLoader keeps it for its life.
         self._map = SplitOrder(
-            "torchvision", cfg.split, len(self.dataset), cfg.seed, cfg.train, cfg.rank, cfg.world_size
+            "torchvision",
+            cfg.split,
+            len(self.dataset),
+            cfg.seed,
+            cfg.train,
+            cfg.rank,
+            cfg.world_size,
+            dataset_key(self.root),
         )
         self.sampler = _Part()
         # The workers' base seed, reseeded in set_epoch: their augmentation is a function of (seed, epoch,

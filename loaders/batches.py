@@ -119,11 +119,20 @@ class SplitOrder:
     """
 
     def __init__(
-        self, loader: str, split: str, total: int, seed: int, shuffle: bool, rank: int, world_size: int
+        self,
+        loader: str,
+        split: str,
+        total: int,
+        seed: int,
+        shuffle: bool,
+        rank: int,
+        world_size: int,
+        dataset: str = "",
     ) -> None:
         self.loader, self.split, self.total, self.seed, self.shuffle = loader, split, total, seed, shuffle
         self.rank, self.world_size = rank, world_size
-        self.progress = Progress(total)
+        self.dataset = dataset  # loaders.shards.dataset_key: a state of another dataset is refused
+        self.progress = Progress(total, dataset)
         self.epoch = 0
         self._carried: np.ndarray | None = None  # the loaded state's consumed set, while it is pending
         self._carried_epoch = 0  # and its epoch
@@ -183,6 +192,6 @@ class SplitOrder:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Serve only what `state` has not consumed when its epoch is read (validated: loaders.resume.check;
         `exact` is not needed, see the class docstring). The loader is left at that epoch."""
-        consumed = check(state, self.loader, self.split, self.seed, self.total)
+        consumed = check(state, self.loader, self.split, self.seed, self.total, self.dataset)
         self._carried, self._carried_epoch = consumed, state["epoch"]
         self.set_epoch(state["epoch"])

@@ -155,7 +155,7 @@ from loaders.localcopy import LocalFiles
 from loaders.options import count, flag, fraction, net_preset, parse_options
 from loaders.resume import Progress, check, decode, encode, exact_for, same_counts
 from loaders.seeds import AUGMENT, ORDER, epoch_seed
-from loaders.shards import DatasetRoot, ShardRef, first_bad_sample, open_dataset
+from loaders.shards import DatasetRoot, ShardRef, dataset_key, first_bad_sample, open_dataset
 from loaders.stages import SkipLog
 from loaders.stagetimes import Snapshot, StageTimes
 from loaders.transfer import to_device
@@ -365,7 +365,7 @@ class DaliLoader:
         self._skips = SkipLog("dali") if self.options.skip_bad else None
         self._incomplete = 0  # samples of the split the reader leaves out (no image or no label)
         self._epoch = 0
-        self._progress = Progress(self.total)
+        self._progress = Progress(self.total, dataset_key(self.root))
         self._resume: _Plan | None = None  # a loaded state's plan, until its epoch is read to the end
         self._whole: _Plan | None = None  # the current epoch's plan when no state is pending for it
         self._active: _Plan | None = None  # the iteration under way (or last) in the current epoch
@@ -713,7 +713,7 @@ class DaliLoader:
         run would have with the same counts (and a usable `exact`), else the remainder dealt out again
         (module docstring). Everything is validated (a FeedrateError names the bad value); the loader is
         left at the state's epoch."""
-        consumed = check(state, "dali", self.cfg.split, self.cfg.seed, self.total)
+        consumed = check(state, "dali", self.cfg.split, self.cfg.seed, self.total, self._progress.dataset)
         epoch = state["epoch"]
         plan = None
         if same_counts(state, self.cfg.workers, self.cfg.world_size):

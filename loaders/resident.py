@@ -77,7 +77,7 @@ from loaders.augment import EpochDraws
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
 from loaders.batches import SplitOrder, load_split
 from loaders.options import BATCH_READER_OPTIONS, parse_options
-from loaders.shards import open_dataset
+from loaders.shards import dataset_key, open_dataset
 from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.transfer import to_device
 
@@ -281,7 +281,16 @@ class TensorLoader:
         self._stats = arrays.stats()
         self._epoch = 0
         # the epoch's order, this rank's part, what was handed out (loaders.batches.SplitOrder)
-        self._map = SplitOrder("tensor", cfg.split, self._n, cfg.seed, cfg.train, cfg.rank, cfg.world_size)
+        self._map = SplitOrder(
+            "tensor",
+            cfg.split,
+            self._n,
+            cfg.seed,
+            cfg.train,
+            cfg.rank,
+            cfg.world_size,
+            dataset_key(self.root),
+        )
         self._starts: tuple[int, torch.Tensor] | None = None  # (epoch, each sample's crop start)
         self._prefetch: Prefetch | None = None  # the CPU thread of the epoch being read, if any
         self._stages = StageTimes()

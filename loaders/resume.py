@@ -16,7 +16,9 @@ the epoch is the split minus the set, dealt out again to whoever reads now.
 
 The state of one loader (`state_dict()`), all keys required:
 - `version`: STATE_VERSION;
-- `loader`: the backend's name (`loaders.LOADERS`), `split`, `seed`, `epoch` (the epoch under way);
+- `loader`: the backend's name (`loaders.BACKENDS`), `split`, `seed`, `epoch` (the epoch under way);
+- `dataset`: which data it is of (`loaders.shards.dataset_key`: the encoding and a hash of the manifest),
+  so the state of one dataset is refused by a loader of another that has as many samples;
 - `total`: the samples of the split (all ranks), which sizes the bitmap;
 - `consumed`: the bitmap (`encode`), set for every sample of the split handed out in this epoch -- by
   this rank's loader, or (after `merge`) by any rank, plus what an earlier resume carried in;
@@ -42,7 +44,19 @@ import numpy as np
 from feedrate.errors import FeedrateError
 
 STATE_VERSION = 1
-KEYS = ("version", "loader", "split", "seed", "epoch", "total", "consumed", "count", "workers", "world_size")
+KEYS = (
+    "version",
+    "loader",
+    "dataset",
+    "split",
+    "seed",
+    "epoch",
+    "total",
+    "consumed",
+    "count",
+    "workers",
+    "world_size",
+)
 MAX_TOTAL = 1 << 31  # samples in a split: a bitmap of at most 256 MiB
 
 
@@ -53,6 +67,11 @@ def encode(consumed: np.ndarray) -> str:
 
 def decode(text: str, total: int) -> np.ndarray:
     """The boolean array of `total` samples that `encode` wrote; a FeedrateError when it is not one."""
+    size = -(-total // 8)
+    if not isinstance(text, str) or len(text) > 4 * -(-size // 3) + 4:  # checked before decoding it
+        raise FeedrateError(
+            f"loader state: `consumed` is not the base64 of {size} bytes (a split of {total} samples)"
+        )
     try:
         packed = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, AttributeError):
@@ -70,13 +89,16 @@ class Progress:
     """The samples of a split one loader has handed out in the epoch under way (one bit each).
 
     `start(epoch, carried)` begins an epoch (`carried`: what a resumed state says was consumed before);
-    `mark(ids)` records a batch as it is handed out (ids: sample numbers in the split, any int array).
+    `mark(ids)` records a batch as it is handed out (ids: sample numbers in the split, any int array); a
+    sample handed out twice in one epoch is an error there and then (about a microsecond a batch), so no
+    loader can break "exactly once" without a word. `dataset` goes into the state (`check`).
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, dataset: str = "") -> None:
         if not 0 < total < MAX_TOTAL:
             raise FeedrateError(f"a split of {total} samples cannot be tracked; accepted: 1..{MAX_TOTAL - 1}")
         self.total = total
+        self.dataset = dataset
         self.epoch = 0
         self.consumed = np.zeros(total, dtype=bool)
 
@@ -85,7 +107,13 @@ class Progress:
         self.consumed = np.zeros(self.total, dtype=bool) if carried is None else carried.copy()
 
     def mark(self, ids: np.ndarray | Sequence[int]) -> None:
-        self.consumed[np.asarray(ids, dtype=np.int64)] = True
+        ids = np.asarray(ids, dtype=np.int64)
+        seen = self.consumed[ids]
+        if seen.any() or len(np.unique(ids)) != len(ids):
+            ordered = np.sort(ids)
+            again = int(ids[seen][0]) if seen.any() else int(ordered[1:][np.diff(ordered) == 0][0])
+            raise FeedrateError(f"sample {again} was handed out twice in epoch {self.epoch} (a loader bug)")
+        self.consumed[ids] = True
 
     @property
     def count(self) -> int:
@@ -98,6 +126,7 @@ class Progress:
         return {
             "version": STATE_VERSION,
             "loader": loader,
+            "dataset": self.dataset,
             "split": split,
             "seed": seed,
             "epoch": self.epoch,
@@ -110,7 +139,9 @@ class Progress:
         }
 
 
-def check(state: Mapping[str, Any], loader: str, split: str, seed: int, total: int) -> np.ndarray:
+def check(
+    state: Mapping[str, Any], loader: str, split: str, seed: int, total: int, dataset: str | None = None
+) -> np.ndarray:
     """Validate a state for a loader of this kind and split; its consumed bitmap.
 
     A one-line FeedrateError names the first key that is missing, malformed, or differs from what this
@@ -122,7 +153,10 @@ def check(state: Mapping[str, Any], loader: str, split: str, seed: int, total: i
         raise FeedrateError(f"loader state lacks {', '.join(missing)}")
     if state["version"] != STATE_VERSION:
         raise FeedrateError(f"loader state version {state['version']!r}; this feedrate reads {STATE_VERSION}")
-    for key, want in (("loader", loader), ("split", split), ("seed", seed), ("total", total)):
+    wanted = [("loader", loader), ("split", split), ("seed", seed), ("total", total)]
+    if dataset is not None:  # None: the caller has checked the dataset itself (train.py: the manifest)
+        wanted.insert(1, ("dataset", dataset))
+    for key, want in wanted:
         if state[key] != want:
             raise FeedrateError(f"loader state is for {key} {state[key]!r}; this loader reads {key} {want!r}")
     for key, low in (("epoch", 0), ("count", 0), ("workers", 0), ("world_size", 1)):
@@ -138,14 +172,14 @@ def check(state: Mapping[str, Any], loader: str, split: str, seed: int, total: i
 
 
 def merge(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The job's state from every rank's (rank order): the consumed bitmaps OR-ed (a sample two ranks
-    handed out -- the torchvision baseline's padding repeats -- is one bit), `exact` kept per rank in
+    """The job's state from every rank's (rank order): the consumed bitmaps OR-ed (ranks' parts are
+    disjoint; what an earlier resume carried in, every rank holds alike), `exact` kept per rank in
     `ranks`. The ranks must agree on everything else."""
     if not states:
         raise FeedrateError("no loader states to merge")
     first = states[0]
     for state in states[1:]:
-        for key in ("version", "loader", "split", "seed", "epoch", "total", "workers", "world_size"):
+        for key in (k for k in KEYS if k not in ("consumed", "count")):
             if state[key] != first[key]:
                 raise FeedrateError(
                     f"ranks disagree on the loader state's {key}: {first[key]!r} vs {state[key]!r}"

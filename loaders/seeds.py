@@ -7,7 +7,7 @@ and streams get independent draws (numpy's SeedSequence mixes the parts; a linea
 seed * K + epoch makes seed 0 epoch K the same as seed 1 epoch 0).
 
 `stream` keeps apart the draws one reader makes for different purposes: ORDER (shuffling), AUGMENT
-(crops and flips) and UNITS (the order of a rank's shards, shared by its workers); SAMPLES seeds the
+(crops and flips) and UNITS (the epoch's shard order, shared by every rank and reader); SAMPLES seeds the
 per-sample augmentation table of an epoch (loaders.augment.EpochDraws), shared by every reader. An
 order shared by every rank is seeded with the rank left at 0.
 """

@@ -176,7 +176,7 @@ from loaders.options import choice, count, flag, net_preset, parse_options
 from loaders.partition import Unit, rank_units, reader_units, remainder_rows, shard_order
 from loaders.resume import Progress, check, decode, encode, exact_for, same_counts
 from loaders.seeds import ORDER, epoch_seed
-from loaders.shards import DatasetRoot, ShardFetcher, ShardRef, open_dataset
+from loaders.shards import DatasetRoot, ShardFetcher, ShardRef, dataset_key, open_dataset
 from loaders.stages import (
     LoadedUnit,
     ResumePoint,
@@ -732,7 +732,7 @@ class WdsLoader:
         self._stages = StageTimes()  # every reader's and the consumer's stage seconds (module docstring)
         # where the loader is in its epoch (loaders.resume): the samples handed out, and the consumer's
         # position in the pass's plan (Cursor); `_begun`: whether they describe the epoch now set
-        self._progress = Progress(total)
+        self._progress = Progress(total, dataset_key(root))
         self._cursor = Cursor.start(readers)
         self._base: np.ndarray | None = None  # the plan's base of the pass described
         self._begun = False
@@ -824,7 +824,7 @@ class WdsLoader:
         state's (and its exact data checks out), else the remainder dealt out again (elastic).
         `resumed` then says which, why, this rank's samples, and the shards read again."""
         cfg, spec = self.cfg, self._spec
-        consumed = check(state, NAME, cfg.split, cfg.seed, spec.total)
+        consumed = check(state, NAME, cfg.split, cfg.seed, spec.total, self._progress.dataset)
         epoch = state["epoch"]
         exact = exact_for(state, self._rank)
         why = ""

@@ -39,7 +39,8 @@ def test_a_state_round_trips_through_json_and_check() -> None:
         ({"epoch": -1}, "epoch -1"),
         ({"epoch": True}, "epoch True"),
         ({"count": 4}, "count says 4"),
-        ({"consumed": "not base64!"}, "not base64"),
+        ({"consumed": "!!!!"}, "not base64 text"),
+        ({"consumed": "not base64!"}, "not the base64 of 3 bytes"),
         ({"consumed": "AAAAAAAA"}, "needs 3 bytes"),
         ({"workers": -1}, "workers -1"),
     ],
@@ -110,3 +111,28 @@ def test_a_samples_augmentation_is_the_same_in_any_batch() -> None:
 def test_progress_refuses_an_impossible_split_size() -> None:
     with pytest.raises(FeedrateError, match="cannot be tracked"):
         resume.Progress(0)
+
+
+def test_a_state_of_another_dataset_is_refused_when_the_loader_names_its_own() -> None:
+    progress = resume.Progress(20, dataset="raw-0123456789abcdef")
+    progress.start(1)
+    state = progress.state("wds", "train", 7, workers=2, world_size=1)
+    assert resume.check(state, "wds", "train", 7, 20, "raw-0123456789abcdef").sum() == 0
+    with pytest.raises(FeedrateError, match="for dataset 'raw-0123456789abcdef'; this loader reads dataset"):
+        resume.check(state, "wds", "train", 7, 20, "raw-fedcba9876543210")
+
+
+def test_a_sample_handed_out_twice_in_an_epoch_is_an_error_at_once() -> None:
+    progress = resume.Progress(20)
+    progress.start(2)
+    progress.mark([3, 4])
+    with pytest.raises(FeedrateError, match="sample 4 was handed out twice in epoch 2"):
+        progress.mark([5, 4])
+    with pytest.raises(FeedrateError, match="sample 9 was handed out twice"):
+        progress.mark([9, 9])
+    assert np.flatnonzero(progress.consumed).tolist() == [3, 4]  # a refused batch marks nothing
+
+
+def test_an_oversized_bitmap_is_refused_before_it_is_decoded() -> None:
+    with pytest.raises(FeedrateError, match="not the base64 of 3 bytes"):
+        resume.decode("A" * 10_000_000, 20)
