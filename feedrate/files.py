@@ -1,8 +1,11 @@
-"""Local files: one way to write atomically and one way to hash.
+"""Local files: one way to write atomically, one way to make a write durable, and one way to hash.
 
 Every file feedrate publishes locally (shards, indexes, manifests, run.json, cache copies, downloads)
 is written under a temporary name in its target directory and renamed into place, so a reader sees the
-whole file or none. The temporary name starts with a dot and ends in `.tmp`, so a crash leaves
+whole file or none. The file is fsynced before the rename (a crash keeps no torn file under the final
+name); where the rename itself must survive a power cut (run.json, a checkpoint), `sync_dir=True` also
+fsyncs the directory that holds the new name, without which the rename may be lost though the data
+is on disk. The temporary name starts with a dot and ends in `.tmp`, so a crash leaves
 something recognisable. Published files get the permissions an ordinary `open()` would give (0666 less
 the umask): `mkstemp`'s 0600 would hide a shared dataset or cache from other users.
 """
@@ -44,12 +47,35 @@ def umask() -> int:
         return _UMASK
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by its path (a directory's fsync makes the names in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_synced(path: Path, data: bytes | memoryview, sync_dir: bool = False) -> None:
+    """Write `data` to `path` (in place, not atomically) and fsync it; with `sync_dir`, its directory too.
+
+    For files that get their final name some other way (the checkpoint's temporary directory, renamed
+    whole: training.checkpoint)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if sync_dir:
+        fsync_path(Path(path).parent)
+
+
 @contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
+def atomic_path(target: Path, sync_dir: bool = False) -> Iterator[Path]:
     """A temporary path beside `target`; renamed onto `target` when the block succeeds, removed if not.
 
     The parent directory is created. The caller writes the temporary file however it likes (a stream,
-    an SDK download, a tar writer).
+    an SDK download, a tar writer). The file is fsynced before the rename; `sync_dir` fsyncs the parent
+    directory after it, so that the rename too survives a crash (module docstring).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,6 +88,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, target)
+        if sync_dir:
+            fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -81,9 +109,9 @@ def inside(root: Path, name: str) -> Path:
     return target
 
 
-def atomic_write_bytes(target: Path, data: bytes) -> None:
-    """Write `data` to `target` atomically."""
-    with atomic_path(target) as tmp:
+def atomic_write_bytes(target: Path, data: bytes, sync_dir: bool = False) -> None:
+    """Write `data` to `target` atomically (`atomic_path`, `sync_dir` as there)."""
+    with atomic_path(target, sync_dir) as tmp:
         tmp.write_bytes(data)
 
 

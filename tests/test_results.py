@@ -8,6 +8,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,6 +150,32 @@ def test_json_written_atomically_leaves_no_temporary_file(tmp_path: Path) -> Non
     results.write_json_atomic(path, {"status": "complete", "path": tmp_path})
     assert json.loads(path.read_text()) == {"status": "complete", "path": str(tmp_path)}
     assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_json_written_atomically_is_durable_its_directory_fsynced_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run.json is what a resume continues from: without a fsync of its directory after the rename, a
+    power cut may bring back the old name's file though the new data were on disk."""
+    path = tmp_path / "run.json"
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        real_replace(src, dst)
+        events.append(("rename", str(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    results.write_json_atomic(path, {"status": "running"})
+    assert json.loads(path.read_text()) == {"status": "running"}
+    assert [kind for kind, _ in events] == ["fsync", "rename", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[1][1] == str(path)
+    assert events[2][1] == str(tmp_path.resolve()), "the directory holding the new name, after the rename"
 
 
 def test_json_write_that_fails_keeps_the_old_document(tmp_path: Path) -> None:

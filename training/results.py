@@ -244,9 +244,10 @@ class NoLog:
 
 
 def write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    """Write `document` to `path` atomically (`feedrate.files.atomic_path`)."""
+    """Write `document` to `path` atomically and durably (`feedrate.files.atomic_path` with `sync_dir`:
+    run.json is what a resume continues from, so its rename must survive a crash as the data do)."""
     try:
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(path, sync_dir=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(document, f, indent=2, default=str)
             f.write("\n")
     except OSError as exc:
