@@ -127,7 +127,61 @@ def test_a_damaged_checkpoint_is_passed_over_with_a_note(tmp_path: Path, damage:
     assert found is not None and found.step == 3, "the older complete one is resumed from"
     assert len(notes) == 1 and str(newest) in notes[0] and note in notes[0], notes
     shutil.rmtree(tmp_path / checkpoint_name(3))
-    assert latest(tmp_path) is None, "a damaged checkpoint alone is no checkpoint"
+    with pytest.raises(FeedrateError) as refused:
+        latest(tmp_path)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"no complete checkpoint in {tmp_path}"), message
+    assert f"{newest.name}: " in message and note in message, "each one named, with what is wrong with it"
+
+
+def test_a_directory_whose_every_checkpoint_is_damaged_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    """A fresh start would delete the run's train.csv and run.json; only an empty DIR starts afresh."""
+    for path in [written(tmp_path, 3), written(tmp_path, 6)]:
+        (path / TENSORS).write_bytes(b"cut")
+    notes: list[str] = []
+    with pytest.raises(FeedrateError, match=r"no complete checkpoint .*holds 2 \(ckpt-000000000006: .*bytes"):
+        latest(tmp_path, notes.append)
+    assert len(notes) == 2
+    assert latest(tmp_path / "empty") is None
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".tmp-000000000009-x").mkdir()  # a save cut before its rename is not one
+    assert latest(tmp_path / "empty") is None
+
+
+def test_an_oversized_meta_json_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written(tmp_path, 3)
+    newest = written(tmp_path, 6)
+    monkeypatch.setattr(checkpoint, "META_MAX_BYTES", 4096)
+    with open(newest / META, "a") as f:
+        f.write(" " * 5000)  # still valid JSON, and its tensor file whole
+    with pytest.raises(FeedrateError, match=f"{newest}: meta.json is over 4096 bytes"):
+        latest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("doc", "restart"),
+    [
+        ({}, True),
+        ({"status": "running", "epochs": []}, True),
+        ({"status": "complete", "epochs": []}, False),
+        ({"status": "interrupted", "epochs": [{"epoch": 1}]}, False),
+        ({"status": "running", "epochs": [], "resumed": [{"at": "then"}]}, False),
+    ],
+)
+def test_only_a_run_killed_before_its_first_checkpoint_is_started_over(
+    tmp_path: Path, doc: dict[str, Any], restart: bool
+) -> None:
+    from types import SimpleNamespace
+
+    from training.runstate import restartable
+
+    ckpt, out = tmp_path / "ck", tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps(doc | {"config": {"checkpoint_dir": str(ckpt)}}))
+    cfg = SimpleNamespace(resume=True, checkpoint_dir=ckpt)
+    assert restartable(cfg, out) is restart
+    (out / "run.json").write_text(json.dumps(doc | {"config": {"checkpoint_dir": str(tmp_path / "other")}}))
+    assert restartable(cfg, out) is False, "another command's results are never started over"
 
 
 def test_a_tensor_file_changed_after_it_was_found_is_refused(tmp_path: Path) -> None:
@@ -372,7 +426,7 @@ def test_a_stepper_continues_exactly_from_its_state() -> None:
     first = stepper()
     steps(first, range(3))
     state = copy.deepcopy(first.state_dict())
-    assert state["scheduler"] == {"step": 3, "total": 10}
+    assert set(state) == {"model", "optimizer", "scaler"}, "the schedule's step is meta.json's alone"
     again = stepper(first_step=3)
     again.load_state_dict(state)
     assert again.optimizer.param_groups[0]["lr"] == first.optimizer.param_groups[0]["lr"]
@@ -390,3 +444,19 @@ def test_a_state_that_does_not_fit_the_model_is_one_line() -> None:
         s.load_state_dict(state)
     with pytest.raises(FeedrateError, match="no model, optimizer, scaler state"):
         s.load_state_dict({})
+
+
+def test_a_state_saved_without_fp16_loads_into_an_fp16_scaler() -> None:
+    """A CPU (or bf16, or --no-amp) run saves a disabled scaler's empty state; resuming it on an fp16 GPU
+    (--device may change) starts that scaler as a fresh run does. An enabled CPU scaler stands in for
+    the GPU's here: it refuses an empty state just as a CUDA one does."""
+    saved = stepper()
+    steps(saved, range(2))
+    state = copy.deepcopy(saved.state_dict())
+    assert state["scaler"] == {}
+    resumed = stepper(first_step=2)
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)
+    resumed.load_state_dict(state)
+    assert resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    for name, value in saved.module.state_dict().items():
+        assert torch.equal(value, resumed.module.state_dict()[name]), name

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from feedrate.errors import FeedrateError
-from feedrate.files import umask
+from feedrate.files import fsync_path, umask, write_synced
 
 FORMAT = "feedrate-checkpoint"
 VERSION = 1
@@ -57,6 +57,7 @@ KEEP = 2  # complete checkpoints kept: the newest, and one to fall back on if it
 NAME = re.compile(r"ckpt-(\d{12})")
 TMP_PREFIX = ".tmp-"
 PAUSE_ENV = "FEEDRATE_CHECKPOINT_TEST_PAUSE"
+META_MAX_BYTES = 32 << 20  # meta.json is read whole: a CIFAR run's is tens of KiB, a handed-in one may be any
 PHASES = ("train", "val")  # train: mid-epoch (batches done, loader state); val: the epoch's training done
 
 # The settings a run may not change when it resumes: flag -> the key in train.py's config (and in
@@ -87,21 +88,6 @@ def dataset_digest(manifest_json: str) -> str:
 
 
 # -- writing --------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, data: bytes | memoryview) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save(directory: Path, step: int, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
     """Write checkpoint `step` into `directory` atomically (module docstring); its path.
 
@@ -117,7 +103,7 @@ def save(directory: Path, step: int, tensors: Mapping[str, Any], meta: Mapping[s
             buffer = io.BytesIO()
             torch.save(dict(tensors), buffer)
             data = buffer.getbuffer()
-            _write_synced(tmp / TENSORS, data)
+            write_synced(tmp / TENSORS, data)
             body = dict(meta) | {
                 "format": FORMAT,
                 "version": VERSION,
@@ -125,8 +111,8 @@ def save(directory: Path, step: int, tensors: Mapping[str, Any], meta: Mapping[s
                 "tensors": {"file": TENSORS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
             }
             del data
-            _write_synced(tmp / META, (json.dumps(body, default=str) + "\n").encode())
-            _fsync_dir(tmp)
+            write_synced(tmp / META, (json.dumps(body, default=str) + "\n").encode())
+            fsync_path(tmp)
             _test_pause(step)  # a SIGKILL now leaves only the .tmp directory
             final = directory / checkpoint_name(step)
             aside = None
@@ -134,7 +120,7 @@ def save(directory: Path, step: int, tensors: Mapping[str, Any], meta: Mapping[s
                 aside = directory / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
                 os.rename(final, aside)
             os.rename(tmp, final)
-            _fsync_dir(directory)
+            fsync_path(directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -174,9 +160,9 @@ def _rotate(directory: Path) -> None:
 def _looks_complete(path: Path) -> bool:
     """The cheap half of `_whole`: meta.json parses and the tensor file has its size (no hashing)."""
     try:
-        meta = json.loads((path / META).read_text())
+        meta = _read_meta(path)
         return (path / TENSORS).stat().st_size == meta["tensors"]["bytes"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, FeedrateError):
         return False
 
 
@@ -222,10 +208,27 @@ class Checkpoint:
         return loaded
 
 
+class Oversized(FeedrateError):
+    """A meta.json over META_MAX_BYTES: no cut write makes one (a cut file is shorter), so it is refused,
+    not passed over."""
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint's meta.json, parsed; never more than META_MAX_BYTES of it read (Oversized)."""
+    with open(path / META, "rb") as f:
+        data = f.read(META_MAX_BYTES + 1)
+    if len(data) > META_MAX_BYTES:
+        raise Oversized(
+            f"checkpoint {path}: {META} is over {META_MAX_BYTES} bytes; a checkpoint's is far smaller "
+            "(was it replaced?)"
+        )
+    return json.loads(data.decode("utf-8"))
+
+
 def _whole(path: Path) -> dict[str, Any]:
     """meta.json of a checkpoint whose files are whole; a FeedrateError saying what is torn."""
     try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
+        meta = _read_meta(path)
     except FileNotFoundError:
         raise FeedrateError(f"no {META}") from None
     except (OSError, ValueError) as exc:
@@ -251,16 +254,26 @@ def latest(directory: Path, note: Callable[[str], None] | None = None) -> Checkp
     """The newest complete checkpoint in `directory` (validated, `validate`), or None when it has none.
 
     A torn or damaged one is passed over, `note`d in one line each; a whole one with a bad value is an
-    error (module docstring)."""
+    error (module docstring). When there are checkpoints but none is whole, that is an error too, naming
+    each and what is wrong with it: starting afresh would overwrite the results they belong to."""
+    passed: list[str] = []
     for path in checkpoints(directory):
         try:
             meta = _whole(path)
+        except Oversized:
+            raise
         except FeedrateError as exc:
+            passed.append(f"{path.name}: {exc}")
             if note is not None:
                 note(f"passed over checkpoint {path}: {exc}")
             continue
         validate(meta, path)
         return Checkpoint(path, meta)
+    if passed:
+        raise FeedrateError(
+            f"no complete checkpoint in {directory}, though it holds {len(passed)} ({'; '.join(passed)}); "
+            "restore one, or move them away to start afresh"
+        )
     return None
 
 

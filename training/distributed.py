@@ -14,8 +14,9 @@ How an epoch is shared out (`plan_split`): each loader gives its rank a disjoint
 are collective (DDP all-reduces gradients), so every rank must run the same number of batches or the
 ranks with more would wait forever for the others. The policy is to drop: every rank runs the fewest
 batches any rank has (an all-reduced minimum) and leaves the rest of its part for that epoch. What that
-costs is counted (`dropped`), and so are the repeats some loaders add to even the parts out
-(`padded`: torch's DistributedSampler pads with repeated samples). Validation has no collective per
+costs is counted (`dropped`: at most one sample a rank, as every loader deals parts that differ by at
+most one), and so would be repeats a loader added to even the parts out (`padded`: none does since
+checkpoints came, as a repeat breaks exactly-once; the field stays 0). Validation has no collective per
 batch, so each rank evaluates its whole part and only the counts are summed.
 
 What that means for a train.py run (`make train-cifar NPROC=2`, or by hand):
@@ -256,7 +257,7 @@ class SplitPlan:
     """How one split's epoch is shared out among the ranks (see the module docstring)."""
 
     samples: int  # in the split
-    rank_samples: tuple[int, ...]  # each rank's part, repeats included (what its loader serves)
+    rank_samples: tuple[int, ...]  # each rank's part (what its loader serves; the parts cover the split once)
     rank_lengths: tuple[int, ...]  # each rank's batches per epoch (its loader's len())
     batches: tuple[int, ...]  # the batches each rank runs
     padded: int  # repeated samples the loaders added to even the parts out

@@ -184,22 +184,25 @@ class Stepper:
 
     def state_dict(self) -> dict[str, Any]:
         """The training state a checkpoint keeps (tensors and plain values only, for a weights-only load):
-        the network's parameters and buffers, the optimiser (momentum), the AMP scaler, the schedule's
-        step; empty when emulating (no model)."""
+        the network's parameters and buffers, the optimiser (momentum), the AMP scaler; empty when
+        emulating (no model). The schedule's step is not here: the checkpoint's meta.json keeps it (with
+        the planned total, to continue at the same fraction of another plan), and the scheduler is built
+        at it (`first_step`) before this state is loaded."""
         if self.module is None:
             return {}
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "scheduler": {"step": self.schedule_step, "total": self.total_steps},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from `state_dict()`'s `state`. The learning rates stay this run's: its schedule was
         built at the continued step (`first_step`) and its peak from this run's global batch, which may
         differ from the saved run's when the world size changed. A state that does not fit this model is
-        a FeedrateError naming what does not."""
+        a FeedrateError naming what does not. An empty scaler state (saved by a run without fp16 AMP: the
+        CPU, bf16, --no-amp) leaves this run's scaler as it starts: a resume may move to an fp16 device,
+        whose scaler then begins at its initial scale as a fresh run's does."""
         if self.module is None:
             if state:
                 raise FeedrateError("checkpoint: a model state, but this run emulates (--emulate)")
@@ -213,7 +216,8 @@ class Stepper:
             self.optimizer.load_state_dict(state["optimizer"])
             for group, (lr, initial) in zip(self.optimizer.param_groups, rates, strict=True):
                 group["lr"], group["initial_lr"] = lr, initial
-            self.scaler.load_state_dict(state["scaler"])
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             reason = " ".join(str(exc).split())[:300]
             raise FeedrateError(f"checkpoint: the saved state does not fit this model: {reason}") from None

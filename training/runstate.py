@@ -165,15 +165,17 @@ def find_resume(cfg: Any, say: Callable[[str], None]) -> Resume | None:
 def restartable(cfg: Any, out: Path | None) -> bool:
     """Whether --out may be started over although it holds results: --resume found no checkpoint and the
     results there are this command's own (its run.json names the same --checkpoint-dir), left by a run
-    killed before its first checkpoint."""
+    killed before its first checkpoint -- so not complete, never resumed, and no epoch recorded (run.json
+    records an epoch only after that epoch's checkpoint). Anything else is kept: --overwrite replaces it."""
     if not (cfg.resume and cfg.checkpoint_dir is not None and out is not None):
         return False
     try:
         doc = json.loads((Path(out) / "run.json").read_text())
         saved = doc["config"]["checkpoint_dir"]
-    except (OSError, ValueError, KeyError, TypeError):
+        early = doc.get("status") != "complete" and not doc.get("resumed") and not doc.get("epochs")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return isinstance(saved, str) and Path(saved).resolve() == Path(cfg.checkpoint_dir).resolve()
+    return early and isinstance(saved, str) and Path(saved).resolve() == Path(cfg.checkpoint_dir).resolve()
 
 
 @dataclass
