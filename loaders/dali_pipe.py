@@ -52,7 +52,14 @@ Checkpoints (`state_dict()` / `load_state_dict()`, the contract of loaders.resum
   uninterrupted run would have yielded, augmentation included. DALI fast-forwards its reader by
   counting, not reading: it reads only what was still in the shuffle buffer (resume to first batch:
   see tests/test_dali_state.py's measurements). The checkpoint is walked and held to the validated
-  counts before DALI parses it (loaders.dali_state);
+  counts before DALI parses it (loaders.dali_state): the reader's and iterator's counters, the
+  pipeline's epoch, the per-shard counters and sizes; the iterator's epoch length is compared with the
+  one DALI computes as it builds the pipeline. The bitmap is held to the position too: each rank sums a
+  digest of the ids it hands out (`exact["ids"]`, loaders.dali_state.id_digest), and the consumed set
+  beyond `basis` must have the ranks' summed digest -- as many samples is not enough, they must be the
+  ones the positions handed out. (DALI's order cannot be computed without running its reader, so the
+  ids are not derived from the position itself, as the wds loader does; the digest binds them to it.)
+  An iteration that gets more samples from DALI than the part has left is a DaliError;
 - other counts (elastic), or `exact` unusable (another option, another DALI): the remainder -- the
   split minus the consumed bitmap -- is written as index files listing only its samples (shards with
   none left are left out; a temporary directory the loader removes), and DALI deals it to the ranks as
@@ -122,17 +129,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import functools
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -148,7 +159,9 @@ from loaders.dali_state import (
     checkpoint_position,
     decode_checkpoint,
     encode_checkpoint,
+    id_digest,
     rank_part,
+    shard_sizes,
 )
 from loaders.decode import MAX_LABEL_DIGITS
 from loaders.localcopy import LocalFiles
@@ -252,11 +265,6 @@ def _bad_label(padded: np.ndarray, labels: np.ndarray, bad: np.ndarray, num_clas
     )
 
 
-def rank_samples(total: int, rank: int, world_size: int) -> int:
-    """This rank's samples: DALI's reader gives part i of n samples [floor(N i / n), floor(N (i+1) / n))."""
-    return total * (rank + 1) // world_size - total * rank // world_size
-
-
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """torch ops in the block run on the calling thread alone (see the module docstring); the thread
@@ -273,6 +281,38 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@functools.cache
+def _checked_iterator() -> type:
+    """DALIGenericIterator that holds what it restores from a checkpoint to what it computed itself
+    for its pipeline: the per-shard counters and sizes, the shard ids and the epoch length (the count
+    of samples is the loader's to check, loaders.dali_state). A difference is a ValueError (the build
+    then fails with a one-line FeedrateError); `restored` says the check ran."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    class CheckedIterator(DALIGenericIterator):  # type: ignore[misc,valid-type]
+        restored = False
+
+        def _restore_state(self, iterator_data: str) -> None:
+            fields = [f for f, _ in self._checkpointed_fields() if f != "_counter" and hasattr(self, f)]
+            fresh = {f: np.array(getattr(self, f)).tolist() for f in fields}
+            super()._restore_state(iterator_data)
+            for name, want in fresh.items():
+                got = np.array(getattr(self, name)).tolist()
+                if got != want:
+                    raise ValueError(
+                        f"exact.dali's iterator {name.strip('_')} is {_short(got)}; DALI's own is {want}"
+                    )
+            self.restored = True
+
+    return CheckedIterator
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters (an error message names a crafted value, not all of it)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _reason(exc: BaseException) -> str:
     """What a DALI error says went wrong, without the traceback of the graph it wraps it in."""
     text = str(exc)
@@ -284,21 +324,87 @@ def _reason(exc: BaseException) -> str:
 
 
 INDEX_DIR_PREFIX = "feedrate-dali-idx-"  # then the owning process's id, "-", a random part
+INDEX_LOCK = ".lock"  # in an index directory: flock-ed by its owner for as long as the loader lives
+UNLOCKED_GRACE_S = 60.0  # an index directory without a lock file is this old before it is swept
+
+
+def _own_index_dir() -> tuple[Path, int]:
+    """A new index directory and the descriptor of its lock file, flock-ed (exclusively) by this process:
+    the lock, not the process id, tells a sweeping loader that the directory is in use (a process in
+    another PID namespace sharing /tmp looks dead by its id). The lock goes when the descriptor is
+    closed or the process dies, however it dies. The directory is made under a hidden name (which no
+    sweep looks at), locked, then renamed: a sweep never sees it unlocked."""
+    hidden = Path(tempfile.mkdtemp(prefix=f".{INDEX_DIR_PREFIX}{os.getpid()}-"))
+    try:
+        fd = os.open(hidden / INDEX_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        shutil.rmtree(hidden, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a directory just made: nobody else holds it
+        path = hidden.with_name(hidden.name[1:])
+        os.rename(hidden, path)  # the lock is the file's: it moves with it
+    except BaseException:
+        _release_index_dir(hidden, fd)
+        raise
+    return path, fd
+
+
+def _release_index_dir(path: Path, fd: int) -> None:
+    """Remove an index directory this process owns, then let go of its lock."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(fd)
 
 
 def _sweep_index_dirs() -> None:
-    """Remove the index directories of dali loaders whose process no longer runs (killed: no finalizer
-    ran). One that cannot be told apart from a live process's is left."""
+    """Remove the index directories of dali loaders that are gone (killed: no finalizer ran).
+
+    Only this user's directories (st_uid, not following links). One whose lock file (INDEX_LOCK) some
+    process holds is in use and stays; one whose lock this sweep takes is removed while it holds it. A
+    directory without a lock file is one being made (its owner has not locked it yet) or an older
+    feedrate's: removed only when it is over UNLOCKED_GRACE_S old and no process of its id runs here.
+    """
+    uid, now = os.getuid(), time.time()
     for path in Path(tempfile.gettempdir()).glob(f"{INDEX_DIR_PREFIX}*-*"):
-        pid = path.name[len(INDEX_DIR_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            pass  # another user's live process (or no such pid at all on this system)
+            fd = os.open(path / INDEX_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if now - info.st_mtime > UNLOCKED_GRACE_S and not _process_runs(path):
+                shutil.rmtree(path, ignore_errors=True)
+            continue
+        except OSError:
+            continue  # a link, or unreadable: not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # held: a live loader's
+            continue
+        _release_index_dir(path, fd)
+
+
+def _process_runs(path: Path) -> bool:
+    """Whether the process named in an index directory's name may still run (True when unsure)."""
+    pid = path.name[len(INDEX_DIR_PREFIX) :].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        pass  # another user's live process (or no such pid at all on this system)
+    return True
+
+
+_SERIALS = itertools.count()  # _Plan.serial: which plan a built pipeline is for
 
 
 @dataclass
@@ -309,7 +415,9 @@ class _Plan:
     samples DALI's reader deals to the ranks; `part`, `shard_id`, `num_shards`: this rank's part
     (loaders.dali_state.rank_part); `offset`/`yielded`: samples read/yielded before the pipeline starts
     (restored from a checkpoint), `checkpoint`: DALI's, to build it from; `carried`: the consumed bitmap
-    the epoch starts from. `read`/`handed` count on from offset/yielded while it is iterated."""
+    the epoch starts from. `read`/`handed` count on from offset/yielded while it is iterated, `summed`
+    from `digest` (loaders.dali_state.id_digest of the ids handed out). `serial`: a number of its own,
+    new for every plan made (also by `dataclasses.replace`), naming the plan a pipeline was built for."""
 
     epoch: int
     basis: np.ndarray | None
@@ -322,15 +430,18 @@ class _Plan:
     yielded: int = 0
     checkpoint: bytes | None = None
     carried: np.ndarray | None = None
+    digest: int = 0
     read: int = 0
     handed: int = 0
+    summed: int = 0
+    serial: int = field(init=False, default_factory=lambda: next(_SERIALS))
 
     def restart(self) -> _Plan:
         """This plan at its start, for an iteration."""
-        return dataclasses.replace(self, read=self.offset, handed=self.yielded)
+        return dataclasses.replace(self, read=self.offset, handed=self.yielded, summed=self.digest)
 
 
-EXACT_KEYS = ("spec", "read", "yielded", "dali", "basis")
+EXACT_KEYS = ("spec", "read", "yielded", "ids", "dali", "basis")
 
 
 class DaliLoader:
@@ -371,7 +482,7 @@ class DaliLoader:
         self._active: _Plan | None = None  # the iteration under way (or last) in the current epoch
         self._pipe: Any = None
         self._iterator: Any = None
-        self._built: tuple[int, int] | None = None  # (epoch, id of the plan) the pipeline was built for
+        self._built: int | None = None  # the serial of the plan the pipeline was built for
         self._fresh = False  # the current pipeline is at the start of its epoch
         self._stages = StageTimes()  # what stage_times() reports (module docstring)
         # The shards on local disk: in place, or copied whole into the cache (or a temporary directory,
@@ -383,8 +494,8 @@ class DaliLoader:
         # or the interpreter exits; a killed process leaves them (a few MB for CIFAR-10), so the next
         # loader removes those of processes that are gone
         _sweep_index_dirs()
-        self._index_dir = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIR_PREFIX}{os.getpid()}-"))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._index_dir, True)
+        self._index_dir, lock = _own_index_dir()
+        self._cleanup = weakref.finalize(self, _release_index_dir, self._index_dir, lock)
         try:
             self._setup(refs, device_id)
         except BaseException:
@@ -474,7 +585,7 @@ class DaliLoader:
 
     def _build(self, plan: _Plan) -> None:
         """A fresh pipeline at the start of `plan` (the old one, if any, is released)."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import LastBatchPolicy
 
         self._iterator = self._pipe = None
         self._fresh = False
@@ -497,7 +608,7 @@ class DaliLoader:
             with self._dali_span():  # the build reads the shards ahead: storage, merged into decode
                 self._pipe = self._ops.build_pipeline(spec, plan.checkpoint)
                 # PARTIAL: the last batch keeps only real samples (the reader's padding is cut off here)
-                self._iterator = DALIGenericIterator(
+                self._iterator = _checked_iterator()(
                     self._pipe,
                     list(self._ops.OUTPUT_NAMES),
                     reader_name=self._ops.READER_NAME,
@@ -505,6 +616,8 @@ class DaliLoader:
                     auto_reset=True,
                     prepare_first_batch=False,
                 )
+                if plan.checkpoint is not None and not self._iterator.restored:
+                    raise ValueError("DALI's iterator did not restore its state through the checked path")
         except (RuntimeError, ValueError) as exc:
             self._iterator = self._pipe = None
             if plan.checkpoint is not None:
@@ -516,7 +629,7 @@ class DaliLoader:
         finally:
             if rest is not None:  # DALI has read the index files when the pipeline is built
                 shutil.rmtree(rest, ignore_errors=True)
-        self._built = (plan.epoch, id(plan))
+        self._built = plan.serial
         self._fresh = True
 
     # -- the loader protocol --------------------------------------------------------------------------
@@ -536,7 +649,7 @@ class DaliLoader:
         self._progress.start(plan.epoch, plan.carried)
         self._active = plan
         left = plan.part - plan.offset
-        if left > 0 and not (self._fresh and self._built == (plan.epoch, id(source))):
+        if left > 0 and not (self._fresh and self._built == source.serial):
             self._build(source)  # DALI cannot rewind: every iteration starts a pipeline of its own
         self._fresh = False
         draws = None
@@ -554,6 +667,10 @@ class DaliLoader:
                     f"DALI ended the epoch {left} samples early (expected {plan.part - plan.offset})"
                 )
             images, labels, ids, read = out
+            if read > left:  # DALI's padding passed on as samples: never hand it out
+                raise DaliError(
+                    f"DALI handed over {read} samples with {left} of this rank's part of {plan.part} left"
+                )
             left -= read
             plan.read += read
             if left == 0:
@@ -562,6 +679,7 @@ class DaliLoader:
             if labels.shape[0]:
                 self._progress.mark(ids)
                 plan.handed += len(ids)
+                plan.summed = (plan.summed + id_digest(ids)) % (1 << 64)
                 yield images, labels
 
     def _end_of(self, source: _Plan) -> None:
@@ -701,6 +819,7 @@ class DaliLoader:
             "spec": self._fingerprint(),
             "read": plan.read,
             "yielded": plan.handed,
+            "ids": f"{plan.summed:016x}",
             "dali": dali,
             "basis": None if plan.basis is None else encode(plan.basis),
         }
@@ -760,6 +879,16 @@ class DaliLoader:
                 f"loader state: count {state['count']} is not the {left_out} samples left out before "
                 f"plus the {sum(handed)} the ranks yielded (exact.yielded)"
             )
+        # not only as many: the very samples the ranks' positions handed out (their id digests)
+        digests = [e["ids"] for e in exacts]
+        if not all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{16}", d) for d in digests):
+            raise FeedrateError(f"loader state: exact.ids {digests!r}; accepted: 16 hex digits per rank")
+        handed_out = consumed if basis is None else consumed & ~basis
+        if sum(int(d, 16) for d in digests) % (1 << 64) != id_digest(np.flatnonzero(handed_out)):
+            raise FeedrateError(
+                f"loader state: the {int(handed_out.sum())} samples `consumed` holds beyond exact.basis "
+                "are not those the ranks' positions handed out (exact.ids)"
+            )
         checkpoint = None
         if 0 < read < plan.part:
             if mine["dali"] is None:
@@ -776,11 +905,21 @@ class DaliLoader:
                     f"loader state: exact.dali is at (reader epoch, samples, batches, counted, shard) {got}; "
                     f"exact.read {read} says {want}"
                 )
+            # the rest of what DALI restores: a first epoch, and the reader shards of this plan (the
+            # PARTIAL policy cuts the padding by them); the epoch length is checked as DALI builds
+            want = (0, [0] * plan.num_shards, shard_sizes(plan.readable, plan.num_shards))
+            got = (at.pipeline_epoch, at.counter_per_gpu, at.shard_sizes)
+            if got != want:
+                raise FeedrateError(
+                    "loader state: exact.dali's (pipeline epoch, per-shard counters, shard sizes) are "
+                    f"{_short(got)}; this plan's are {_short(want)}"
+                )
         elif mine["dali"] is not None:
             raise FeedrateError(
                 f"loader state: exact.dali given for a rank {read} samples into its part of {plan.part}"
             )
-        return dataclasses.replace(plan, offset=read, yielded=yielded, checkpoint=checkpoint)
+        digest = int(mine["ids"], 16)
+        return dataclasses.replace(plan, offset=read, yielded=yielded, digest=digest, checkpoint=checkpoint)
 
     def stats(self) -> dict[str, int]:
         return self._files.stats(self._skips.count if self._skips else 0).as_dict()

@@ -251,13 +251,37 @@ def _hash(words: np.ndarray) -> np.ndarray:
 # -- DALI's checkpoint ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Position:
-    """What a DALI checkpoint says about where its pipeline is (see `checkpoint_position`)."""
+    """What a DALI checkpoint says about where its pipeline is (see `checkpoint_position`): everything
+    in it that DALI restores besides the generators' states, so that the loader can hold all of it to
+    its own validated counts (`expected_iterator`)."""
 
     reader_epoch: int  # epochs the reader has finished
     reader_age: int  # samples the reader handed out in its epoch
     batches: int  # batches the pipeline handed out (its iteration counter)
+    pipeline_epoch: int  # epochs the pipeline has finished (its epoch_idx)
     counter: int  # samples the iterator counted out
     shards_id: list[int]  # the reader shards the iterator reads
+    counter_per_gpu: list[int]  # per reader shard: where its epoch started (0 in a first epoch)
+    shard_sizes: list[int]  # per reader shard: its samples (PARTIAL cuts the padding by them)
+    size: int  # the iterator's epoch length
+
+
+def shard_sizes(readable: int, num_shards: int) -> list[int]:
+    """The samples of each of DALI's `num_shards` reader shards over `readable` samples: shard i holds
+    [floor(N i / n), floor(N (i + 1) / n)) (DALI's iterator computes its `_shard_sizes_per_gpu` so)."""
+    return [readable * (i + 1) // num_shards - readable * i // num_shards for i in range(num_shards)]
+
+
+def id_digest(ids: np.ndarray) -> int:
+    """A 64-bit digest of a set of sample ids that adds up over disjoint sets: the sum, mod 2**64, of a
+    mix (splitmix64's finaliser) of each id. Each rank sums the ids it hands out; a state's consumed
+    bitmap (less what its pipelines left out) must then have the ranks' summed digest (a bitmap edited,
+    or paired with another position, differs with odds of 2**-64 of passing). ~10 ns an id."""
+    z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return int(z.sum(dtype=np.uint64))
 
 
 def encode_checkpoint(data: bytes) -> str:
@@ -278,29 +302,51 @@ def checkpoint_position(data: bytes, reader: str) -> Position:
     """The reader's and the iterator's position in a DALI pipeline checkpoint (protobuf: field 1 repeated,
     one per operator: {1: name, 2: state}, the reader's state {1: {1: its generator, 2: epoch, 3: samples
     handed out}}; field 2: {1: the pipeline's JSON, 2: the iterator's JSON}). A FeedrateError when it is
-    not such a checkpoint."""
+    not such a checkpoint. A field that protobuf would merge or let a later copy override (any but the
+    operators') must appear once: what is read here is then what DALI restores."""
     try:
         top = _fields(data)
-        states = [dict(_fields(op)) for key, op in top if key == 1]
+        states = [_unique(_fields(op)) for key, op in top if key == 1]
         ours = [s.get(2, b"") for s in states if s.get(1) == reader.encode()]
         if len(ours) != 1:
             raise ValueError(f"{len(ours)} states of the reader {reader!r}")
         (snapshot,) = [v for k, v in _fields(ours[0]) if k == 1] or [b""]
-        reader_state = dict(_fields(snapshot))
-        context = dict(_fields(next(v for k, v in top if k == 2)))
+        reader_state = _unique(_fields(snapshot))
+        (wrapped,) = [v for k, v in top if k == 2]
+        context = _unique(_fields(wrapped))
         pipeline, iterator = json.loads(context.get(1, b"")), json.loads(context.get(2, b""))
+        if not isinstance(pipeline, dict) or not isinstance(iterator, dict):
+            raise ValueError("not JSON objects")
         position = Position(
             reader_epoch=_count(reader_state.get(2, 0)),
             reader_age=_count(reader_state.get(3, 0)),
             batches=_count(pipeline["iter"]),
+            pipeline_epoch=_count(pipeline["epoch_idx"]),
             counter=_count(iterator["_counter"]),
-            shards_id=[_count(v) for v in iterator["_shards_id"]],
+            shards_id=_counts(iterator["_shards_id"]),
+            counter_per_gpu=_counts(iterator["_counter_per_gpu"]),
+            shard_sizes=_counts(iterator["_shard_sizes_per_gpu"]),
+            size=_count(iterator["_size"]),
         )
     except (ValueError, KeyError, TypeError, StopIteration, IndexError):
         raise FeedrateError(
             "loader state: exact.dali is not a checkpoint of the dali loader's pipeline"
         ) from None
     return position
+
+
+def _unique(pairs: list[tuple[int, Any]]) -> dict[int, Any]:
+    """A message's fields by number; ValueError when one appears twice."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("a field given twice")
+    return out
+
+
+def _counts(value: Any) -> list[int]:
+    if not isinstance(value, list) or len(value) > 1 << 16:
+        raise ValueError(value)
+    return [_count(v) for v in value]
 
 
 def _count(value: Any) -> int:

@@ -21,7 +21,8 @@ from feedrate.cifar import BATCH_DIR, write_batch_dir
 from feedrate.errors import FeedrateError
 from feedrate.shardformat import ShardError
 from loaders import CIFAR10_MEAN, CIFAR10_STD, Loader, LoaderConfig, make_loader
-from loaders.dali_pipe import DaliError, DaliOptions, parse_labels, rank_samples
+from loaders.dali_pipe import DaliError, DaliOptions, parse_labels
+from loaders.dali_state import rank_part
 from shardgen import ShardgenConfig, build
 from tests.helpers import needs_dali
 
@@ -153,7 +154,7 @@ def test_ranks_read_disjoint_parts_that_cover_the_split(
     datasets: dict[str, Path], name: str, world: int, train: bool
 ) -> None:
     ranks = [dali(datasets[name], train=train, rank=r, world_size=world, batch_size=4) for r in range(world)]
-    assert [ld.samples for ld in ranks] == [rank_samples(53, r, world) for r in range(world)]
+    assert [ld.samples for ld in ranks] == [rank_part(53, r, world)[0] for r in range(world)]
     assert sum(ld.samples for ld in ranks) == 53
     for e in (1, 2):
         seen: list[int] = []

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import io
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -25,8 +26,8 @@ from feedrate.errors import FeedrateError
 from feedrate.manifest import MANIFEST_NAME
 from feedrate.shardformat import write_index
 from loaders import CIFAR10_MEAN, CIFAR10_STD, LoaderConfig, make_loader
-from loaders.dali_pipe import DaliLoader
-from loaders.dali_state import checkpoint_position, decode_checkpoint, rank_part
+from loaders.dali_pipe import INDEX_DIR_PREFIX, INDEX_LOCK, DaliError, DaliLoader, _sweep_index_dirs
+from loaders.dali_state import _fields, checkpoint_position, decode_checkpoint, encode_checkpoint, rank_part
 from loaders.resume import encode, merge
 from loaders.shards import open_dataset
 from shardgen import ShardgenConfig, build
@@ -409,9 +410,12 @@ def test_the_loader_removes_its_index_files(raw: Path) -> None:
     loader, other = resumed(raw, state, 2)
     other.close()
     folder = loader._index_dir
-    assert sorted(p.name for p in folder.iterdir()) == ["split"]
+    assert sorted(p.name for p in folder.iterdir()) == [INDEX_LOCK, "split"]
     take(loader, epoch=None)
-    assert sorted(p.name for p in folder.iterdir()) == ["split"]  # a remainder's files go once read
+    assert sorted(p.name for p in folder.iterdir()) == [
+        INDEX_LOCK,
+        "split",
+    ]  # a remainder's files go once read
     loader.close()
     assert not folder.exists()
 
@@ -434,25 +438,259 @@ def test_an_empty_label_is_a_bad_label_not_the_next_members_header(tmp_path: Pat
         assert loader.stats()["skipped"] == 1
 
 
+# -- a crafted DALI checkpoint, a bitmap that is not the position's, another dataset -------------------
+def _message(pairs: list[tuple[int, object]]) -> bytes:
+    """A protobuf message from (field number, int | bytes) pairs (loaders.dali_state._fields' inverse)."""
+
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+            value >>= 7
+            if not value:
+                return bytes(out)
+
+    data = b""
+    for number, value in pairs:
+        if isinstance(value, int):
+            data += varint(number << 3) + varint(value)
+        else:
+            assert isinstance(value, bytes)
+            data += varint(number << 3 | 2) + varint(len(value)) + value
+    return data
+
+
+def _recrafted(
+    text: str, pipeline: dict | None = None, iterator: dict | None = None, twice: bool = False
+) -> str:
+    """A DALI checkpoint (base64) with its pipeline's and iterator's JSON updated (`twice`: the honest
+    context kept before the crafted one, as protobuf lets a later copy override an earlier one)."""
+    data = decode_checkpoint(text)
+    top = _fields(data)
+    assert _message(top) == data  # the re-encoding is faithful
+    out = []
+    for number, value in top:
+        if number == 2:
+            context = dict(_fields(value))
+            doc = [json.loads(context[1]), json.loads(context[2])]
+            doc[0].update(pipeline or {})
+            doc[1].update(iterator or {})
+            if twice:
+                out.append((number, value))
+            value = _message([(1, json.dumps(doc[0]).encode()), (2, json.dumps(doc[1]).encode())])
+        out.append((number, value))
+    return encode_checkpoint(_message(out))
+
+
+def _one_state(raw: Path, k: int) -> dict:
+    """A one-rank loader's state after k batches of epoch 1."""
+    with dali(raw) as loader:
+        take(loader, k)
+        return copy.deepcopy(loader.state_dict())
+
+
+CRAFTED = {
+    "per-shard counter": (
+        {"iterator": {"_counter_per_gpu": [5]}},
+        r"exact\.dali's \(pipeline epoch, per-shard counters, shard sizes\) are \(0, \[5\], \[90\]\); "
+        r"this plan's are \(0, \[0\], \[90\]\)",
+    ),
+    "shard sizes": (
+        {"iterator": {"_shard_sizes_per_gpu": [200]}},
+        r"are \(0, \[0\], \[200\]\); this plan's are \(0, \[0\], \[90\]\)",
+    ),
+    "pipeline epoch": ({"pipeline": {"epoch_idx": 3}}, r"are \(3, \[0\], \[90\]\)"),
+    "counter a list": ({"iterator": {"_counter_per_gpu": 0}}, r"exact\.dali is not a checkpoint"),
+    "context twice": (
+        {"iterator": {"_shard_sizes_per_gpu": [200]}, "twice": True},
+        r"exact\.dali is not a checkpoint",
+    ),
+}
+
+
 @needs_dali
-def test_a_killed_loaders_index_files_are_swept_by_the_next(raw: Path) -> None:
-    """A killed process runs no finalizer; the next loader removes index directories whose process is
-    gone, and leaves a live one's."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_crafted_dali_checkpoint_is_refused_in_one_line(raw: Path, case: str) -> None:
+    """What DALI's iterator restores besides its counter (per-shard counters and sizes, by which PARTIAL
+    cuts the padding off; the pipeline's epoch) is held to the plan's before DALI sees it."""
+    edit, message = CRAFTED[case]
+    state = _one_state(raw, 3)
+    state["exact"]["dali"] = _recrafted(state["exact"]["dali"], **edit)
+    with dali(raw) as fresh, pytest.raises(FeedrateError, match=message) as caught:
+        fresh.load_state_dict(state)
+    assert "\n" not in str(caught.value)
+
+
+@needs_dali
+def test_a_crafted_epoch_length_is_refused_as_dali_restores_it(raw: Path) -> None:
+    """The iterator's epoch length is DALI's own to compute: it is compared with the one it computed as
+    the pipeline is built (the first iteration), a one-line error."""
+    state = _one_state(raw, 3)
+    state["exact"]["dali"] = _recrafted(state["exact"]["dali"], iterator={"_size": 1000})
+    with dali(raw) as fresh:
+        fresh.load_state_dict(state)
+        fresh.set_epoch(1)
+        with pytest.raises(
+            FeedrateError, match=r"cannot restore exact\.dali: .*size is 1000; DALI's own is 90"
+        ):
+            take(fresh, epoch=None)
+    honest = _one_state(raw, 3)  # the same checkpoint untouched goes through the check
+    (loader,) = resumed(raw, honest, 1)
+    assert len(take(loader, epoch=None)) == len(range(3, -(-N // BATCH))) and loader._iterator.restored
+    loader.close()
+
+
+@needs_dali
+def test_more_samples_than_the_part_has_left_is_a_dali_error(raw: Path) -> None:
+    """Should DALI hand over more than the rank's part has left (its padding taken for samples), the
+    epoch fails there rather than yielding it and running past its end."""
+    with dali(raw) as loader:
+        loader.set_epoch(1)
+        plan = loader._pending()
+        loader._whole = dataclasses.replace(plan, part=plan.part - 3)  # DALI still reads all 90
+        got = 0
+        with pytest.raises(
+            DaliError, match=r"DALI handed over 8 samples with 7 of this rank's part of 87 left"
+        ):
+            for _, y in loader:
+                got += len(y)
+        assert got == 80
+
+
+@needs_dali
+def test_a_bitmap_that_is_not_the_positions_samples_is_refused(raw: Path) -> None:
+    """As many samples consumed as the position says, but not the same ones (one swapped for another):
+    the ranks' id digests (exact.ids) do not add up to the bitmap's, and the state is refused."""
+    state, before = interrupted(raw, 2, [3, 2])
+    consumed = np.zeros(N, dtype=bool)
+    consumed[flat(before)] = True
+    assert encode(consumed) == state["consumed"]
+    swapped = consumed.copy()
+    swapped[flat(before)[0]] = False
+    swapped[np.flatnonzero(~consumed)[0]] = True
+    bad = copy.deepcopy(state) | {"consumed": encode(swapped)}
+    with dali(raw, rank=0, world_size=2) as fresh:
+        with pytest.raises(
+            FeedrateError, match=r"the 40 samples `consumed` holds beyond exact\.basis are not"
+        ):
+            fresh.load_state_dict(bad)
+        fresh.load_state_dict(state)  # the honest one is taken
+    wrong = copy.deepcopy(state)
+    wrong["ranks"][1]["ids"] = "xyz"
+    with dali(raw, rank=0, world_size=2) as fresh, pytest.raises(FeedrateError, match=r"exact\.ids \["):
+        fresh.load_state_dict(wrong)
+
+
+@needs_dali
+def test_a_state_of_another_dataset_of_as_many_samples_is_refused(raw: Path, tmp_path: Path) -> None:
+    other = write_dataset(tmp_path, shard_size=30)  # 90 samples too, in other shards
+    state, _ = interrupted(raw, 1, [2])
+    with (
+        dali(other) as loader,
+        pytest.raises(FeedrateError, match=r"loader state is for dataset 'raw-") as caught,
+    ):
+        loader.load_state_dict(state)
+    assert "\n" not in str(caught.value)
+
+
+# -- the index directories' sweep ------------------------------------------------------------------------
+def _index_dir(pid: int, lock: bool = True) -> Path:
     import tempfile
 
-    from loaders.dali_pipe import INDEX_DIR_PREFIX
+    path = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIR_PREFIX}{pid}-"))
+    if lock:
+        (path / INDEX_LOCK).touch()
+    return path
 
-    gone = subprocess.run(
+
+def _gone_pid() -> int:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
-    dead = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIR_PREFIX}{int(gone.stdout)}-"))
-    live = Path(tempfile.mkdtemp(prefix=f"{INDEX_DIR_PREFIX}1-"))  # pid 1 runs
+    return int(done.stdout)
+
+
+def test_the_sweep_keeps_a_locked_index_dir_whatever_its_name_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Liveness is the owner's flock, not its pid: a directory named by a pid that is gone here (its
+    owner in another PID namespace sharing /tmp) but locked stays; unlocked, it goes; another user's
+    stays; one without a lock file (an older feedrate's) goes once it is old and its pid is gone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    gone = _gone_pid()
+    held, free, young, old = (
+        _index_dir(gone),
+        _index_dir(gone),
+        _index_dir(gone, False),
+        _index_dir(gone, False),
+    )
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()",
+            str(held / INDEX_LOCK),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        with dali(raw):
-            assert not dead.exists() and live.exists()
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "getuid", lambda: os.geteuid() + 1)  # every directory is another user's
+            _sweep_index_dirs()
+        assert all(p.exists() for p in (held, free, young, old))
+        _sweep_index_dirs()
+        assert held.exists() and not free.exists() and young.exists() and not old.exists()
     finally:
-        for path in (dead, live):
-            if path.exists():
-                path.rmdir()
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        for path in (held, young):
+            shutil.rmtree(path, ignore_errors=True)
+    assert not held.exists()
+
+
+@needs_dali
+def test_a_live_loaders_index_dir_is_locked_and_a_killed_ones_swept(raw: Path) -> None:
+    """A loader's own directory is locked for as long as it lives (another loader's sweep leaves it);
+    a killed process's lock is gone with it, and the next loader removes its directory."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from loaders import LoaderConfig, make_loader; "
+        f"cfg = LoaderConfig(data={str(raw)!r}, split='train', batch_size=8, train=True); "
+        "ld = make_loader('dali', cfg); "
+        "print(ld._index_dir, flush=True); sys.stdin.read()"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert child.stdout is not None
+        theirs = Path(child.stdout.readline().strip())
+        assert (theirs / INDEX_LOCK).exists()
+        with dali(raw) as mine:
+            assert theirs.exists() and (mine._index_dir / INDEX_LOCK).exists()
+            with dali(raw):
+                assert mine._index_dir.exists()  # a second loader of this process leaves the first's
+        child.kill()
+        child.wait(timeout=30)
+        with dali(raw):
+            assert not theirs.exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
