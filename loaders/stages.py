@@ -35,6 +35,7 @@ Storage that cannot be reached is never "bad data": it fails after its retry bud
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import threading
 from collections import deque
@@ -325,6 +326,13 @@ class ShuffleBuffer:
         self.owner, self.position = self.owner[keep], self.position[keep]
         return groups
 
+    def copy(self) -> ShuffleBuffer:
+        """The buffer as it is now, apart from this one (its rng copied too; the arrays are never
+        changed in place, so they are shared)."""
+        out = ShuffleBuffer(self.batch, self.buffer, copy.deepcopy(self.rng))
+        out.left, out.owner, out.position = list(self.left), self.owner, self.position
+        return out
+
 
 @dataclass
 class ResumePoint:
@@ -338,6 +346,11 @@ class ResumePoint:
     held: list[tuple[int, int]]
     next_unit: int
     ids: list[np.ndarray]
+    earlier: ResumePoint | None = None  # skip_draws' `before`: the point after fewer draws
+
+    def copy(self) -> ResumePoint:
+        """A point to resume from again: `drawn` changes the buffer of the one it is given."""
+        return ResumePoint(self.draws, self.buffer.copy(), list(self.held), self.next_unit, list(self.ids))
 
 
 def skip_draws(
@@ -347,18 +360,32 @@ def skip_draws(
     buffer: int,
     rng: np.random.Generator | None,
     draws: int,
+    before: int | None = None,
 ) -> ResumePoint:
     """Replay the first `draws` batches `drawn` would draw from units with these usable positions
-    (and first sample numbers `id0`), on numbers alone; ValueError when the units hold fewer."""
+    (and first sample numbers `id0`), on numbers alone; ValueError when the units hold fewer.
+    `before` (0..draws-1): the point after that many draws is kept as well, as the result's `earlier`
+    (one pass for both: a resumed reader whose last batch is read again)."""
     shuffle = ShuffleBuffer(batch, buffer, rng)
     reader_index: list[int] = []  # unit number -> index in the reader's list
     ids: list[np.ndarray] = []
     added = 0
+    earlier: list[ResumePoint] = []
+    if before is not None and not 0 <= before < draws:
+        raise ValueError(f"before {before} is not in 0..{draws - 1}")
+
+    def point(buf: ShuffleBuffer) -> ResumePoint:
+        held = [(u, reader_index[u]) for u, left in enumerate(buf.left) if left]
+        return ResumePoint(len(ids), buf, held, added, list(ids))
 
     def take() -> None:
         groups = shuffle.take()
         ids.append(np.concatenate([id0[reader_index[u]] + p for u, p in groups]))
+        if len(ids) == before:
+            earlier.append(point(shuffle.copy()))
 
+    if before == 0:
+        earlier.append(point(shuffle.copy()))
     if draws:
         for i, positions in enumerate(usable):
             added = i + 1
@@ -374,8 +401,9 @@ def skip_draws(
             take()
         if len(ids) < draws:
             raise ValueError(f"the units hold {len(ids)} batches, fewer than {draws}")
-    held = [(u, reader_index[u]) for u, left in enumerate(shuffle.left) if left]
-    return ResumePoint(draws, shuffle, held, added, ids)
+    out = point(shuffle)
+    out.earlier = earlier[0] if earlier else None
+    return out
 
 
 def drawn(

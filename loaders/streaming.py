@@ -97,6 +97,12 @@ dozen ints, whatever the split's size. Loading one:
   not consumed, a sorted subset -- is dealt out by the same rule as a whole epoch (shard order from
   (seed, epoch), contiguous ranges per rank differing by at most one sample, units to readers in turn)
   and shuffled by each reader's buffer as usual. Every remaining sample exactly once.
+  With `skip_bad` a state records only the samples handed out, not those skipped: a bad sample skipped
+  before the checkpoint is in the remainder again, so the resumed pass reads it, skips it and counts it
+  in its `stats()["skipped"]` again. Over the resumed epoch, the samples yielded before the checkpoint,
+  plus those yielded after it, plus the resumed loader's skips are the split exactly once (its
+  exactly-once check holds); the interrupted loader's skips before the checkpoint are not part of that
+  sum, and adding the two processes' skip counts counts those samples twice.
 Either way a resume reads each shard that has a sample left, once, and no other: the least a state
 without sample bytes allows. But a buffer drawn at random keeps stragglers of most of its shards
 (measured: 20 shards of 2,500 over 2 readers, buffer 4,096, batch 256: 2, 4, 8, 10 shards held per
@@ -107,7 +113,9 @@ after it is whole.
 Costs (measured on the busy 2-core machine, 50,000 raw samples in 20 shards, 2 readers):
 `state_dict()` 0.2 ms (8.6 KB of JSON, 90 bytes of it `exact`); `load_state_dict()` 15-21 ms exact
 (the replays that check the position), ~1 ms elastic; load to first batch 210-290 ms exact, 185-210
-ms elastic, against 90-135 ms for a fresh epoch's first batch (the held shards are read first). On the
+ms elastic, against 90-135 ms for a fresh epoch's first batch (the held shards are read first). (The
+exact figures were measured with each reader replayed twice by load_state_dict and once more by the
+first pass; now it is replayed once, in load_state_dict, and every pass resumes from copies.) On the
 hot path: each batch's ids (~5 us), marking them and the consumer's bookkeeping (~3.5 us), while
 looking the crop and flip up by id costs ~5 us a batch less than drawing them: ~0.015 us/img net.
 
@@ -293,8 +301,11 @@ def reader_rng(spec: StreamSpec, epoch: int, worker: int) -> np.random.Generator
     return np.random.default_rng(epoch_seed(spec.seed, epoch, spec.rank, worker, ORDER))
 
 
-def replay(spec: StreamSpec, plan: EpochPlan, worker: int, draws: int) -> ResumePoint:
-    """Reader `worker`'s stream after its first `draws` batches, on numbers alone (stages.skip_draws)."""
+def replay(
+    spec: StreamSpec, plan: EpochPlan, worker: int, draws: int, before: int | None = None
+) -> ResumePoint:
+    """Reader `worker`'s stream after its first `draws` batches, on numbers alone (stages.skip_draws;
+    `before`: also the point after that many, as `earlier`)."""
     units = plan.readers[worker]
     return skip_draws(
         [u.positions() for u in units],
@@ -303,6 +314,7 @@ def replay(spec: StreamSpec, plan: EpochPlan, worker: int, draws: int) -> Resume
         spec.options.shuffle_buffer if spec.train else 0,
         reader_rng(spec, plan.epoch, worker),
         draws,
+        before,
     )
 
 
@@ -515,6 +527,8 @@ class _Resume:
     base: np.ndarray | None  # what the pass's plan leaves out: the consumed set (elastic) or exact's base
     cursor: Cursor | None  # exact: where the consumer was; None: elastic, from the plan's start
     samples: int  # this rank's remaining samples
+    plan: EpochPlan  # the pass's plan (for `base`)
+    points: list[ResumePoint] | None = None  # exact: where each reader resumes (a copy per pass)
 
 
 def _bad(key: str, value: Any, accepted: str) -> FeedrateError:
@@ -539,12 +553,25 @@ def _ints(key: str, value: Any, n: int, low: int, high: list[int] | int) -> list
     return value
 
 
+@dataclass(frozen=True)
+class ExactPoint:
+    """A state's exact position, checked (`parse_exact`): the consumer's cursor, the plan's base and
+    plan, this rank's remaining samples, and where each reader resumes (its replay, made once)."""
+
+    cursor: Cursor
+    base: np.ndarray | None
+    plan: EpochPlan
+    left: int
+    points: list[ResumePoint]
+
+
 def parse_exact(
     exact: Any, plan_for: Callable[[np.ndarray | None], EpochPlan], spec: StreamSpec, consumed: np.ndarray
-) -> tuple[Cursor, np.ndarray | None, int]:
-    """A state's `exact` data for this rank, checked against its plan and its consumed set: (cursor,
-    base, this rank's remaining samples). `plan_for(base)` gives the epoch's plan. One-line
-    FeedrateErrors name the bad value (a state is a file someone may hand you)."""
+) -> ExactPoint:
+    """A state's `exact` data for this rank, checked against its plan and its consumed set.
+    `plan_for(base)` gives the epoch's plan. One replay per reader both checks the position and gives
+    the point it resumes from. One-line FeedrateErrors name the bad value (a state is a file someone
+    may hand you)."""
     if not isinstance(exact, Mapping) or set(exact) != {"base", "batches", "done", "turn", "pending"}:
         raise _bad("data", exact, "a mapping with keys base, batches, done, turn, pending")
     base = None
@@ -574,7 +601,6 @@ def parse_exact(
         and all(done[r] for r in range(readers) if r not in turn)
     ):
         raise _bad("turn", turn, f"distinct readers 0..{readers - 1}, every one left out done")
-    points = [replay(spec, plan, w, batches[w]) for w in range(readers)]
     pending = exact["pending"]
     refill: list[tuple[int, int, int]] = []
     for piece in pending if isinstance(pending, list) else [None]:
@@ -583,10 +609,17 @@ def parse_exact(
             reader, batch, offset = piece
             ok = 0 <= reader < readers and batch == batches[reader] - 1 >= 0
             ok = ok and reader not in [r for r, _, _ in refill]
-            ok = ok and 0 <= offset < len(points[reader].ids[batch]) < size
+            ok = ok and offset >= 0
         if not ok:
             raise _bad("pending", pending, "[reader, batch, offset] of a reader's last, short batch taken")
         refill.append((reader, batch, offset))
+    # one replay per reader: to its batches taken (the ids handed out), and for a reader whose last short
+    # batch waits to be joined also to the batch before it (where it resumes: that batch is read again)
+    again = {r: b for r, b, _ in refill}
+    points = [replay(spec, plan, w, batches[w], again.get(w)) for w in range(readers)]
+    for reader, batch, offset in refill:
+        if not offset < len(points[reader].ids[batch]) < size:
+            raise _bad("pending", pending, "[reader, batch, offset] of a reader's last, short batch taken")
     if sum(len(points[r].ids[b]) - off for r, b, off in refill) >= size:
         raise _bad("pending", pending, f"fewer than {size} samples waiting (a full batch would have gone)")
     # The samples this position says were handed out must be exactly this rank's consumed ones.
@@ -603,7 +636,9 @@ def parse_exact(
             f"rank {spec.rank}'s part; its consumed set holds {len(mine)} of them, not the same"
         )
     cursor = Cursor(list(batches), list(done), deque(turn), [], refill)
-    return cursor, base, len(part) - len(mine)
+    starts = [p if w not in again else p.earlier for w, p in enumerate(points)]
+    assert all(p is not None for p in starts)
+    return ExactPoint(cursor, base, plan, len(part) - len(mine), starts)  # type: ignore[arg-type]
 
 
 # -- the loader ------------------------------------------------------------------------------------
@@ -738,7 +773,7 @@ class WdsLoader:
         self._begun = False
         self._resume: _Resume | None = None
         self._draws: tuple[int, EpochDraws, EpochDraws] | None = None  # (epoch, on the CPU, on device)
-        self._plans: dict[tuple[int, int], EpochPlan] = {}
+        self._plans: dict[int, EpochPlan] = {}  # a whole epoch's plan, by epoch
         # how the last load_state_dict is served (None: no state loaded); see load_state_dict
         self.resumed: dict[str, Any] | None = None
 
@@ -841,12 +876,11 @@ class WdsLoader:
         refetch = 0
         if why:
             plan = self._plan(epoch, consumed)
-            resume = _Resume(epoch, consumed, consumed, None, plan.samples)
+            resume = _Resume(epoch, consumed, consumed, None, plan.samples, plan)
         else:
-            cursor, base, left = parse_exact(exact, lambda b: self._plan(epoch, b), spec, consumed)
-            resume = _Resume(epoch, consumed, base, cursor, left)
-            plan = self._plan(epoch, base)
-            refetch = sum(len(replay(spec, plan, w, n).held) for w, n in enumerate(cursor.draws()))
+            at = parse_exact(exact, lambda b: self._plan(epoch, b), spec, consumed)
+            resume = _Resume(epoch, consumed, at.base, at.cursor, at.left, at.plan, at.points)
+            refetch = sum(len(p.held) for p in at.points)
         self._resume = resume
         self._begun = False
         self.resumed = {
@@ -862,13 +896,15 @@ class WdsLoader:
         return resume if resume is not None and resume.epoch == self._epoch else None
 
     def _plan(self, epoch: int, base: np.ndarray | None) -> EpochPlan:
-        """The pass's plan (kept for the last few (epoch, base) asked)."""
-        key = (epoch, id(base))
-        plan = self._plans.get(key)
-        if plan is None or plan.base is not base:
+        """The plan of `epoch` without `base`: a whole epoch's is kept for the last few epochs asked; one
+        with a base is made for a loaded state, which keeps it (`_Resume.plan`)."""
+        if base is not None:
+            return plan_epoch(self._spec, epoch, base)
+        plan = self._plans.get(epoch)
+        if plan is None:
             if len(self._plans) > 4:
                 self._plans.clear()
-            plan = self._plans[key] = plan_epoch(self._spec, epoch, base)
+            plan = self._plans[epoch] = plan_epoch(self._spec, epoch, None)
         return plan
 
     def _begin(self) -> None:
@@ -942,12 +978,12 @@ class WdsLoader:
         self._begun = False
         self._begin()  # a pass starts afresh: from the epoch's start or the loaded state's position
         resume = self._active_resume()
-        plan = self._plan(self._epoch, self._base)
+        plan = self._plan(self._epoch, None) if resume is None else resume.plan
         expected = self.samples
         cursor = self._cursor
         points = None
-        if resume is not None and resume.cursor is not None:
-            points = [replay(self._spec, plan, w, n) for w, n in enumerate(cursor.draws())]
+        if resume is not None and resume.points is not None:  # the replays load_state_dict made
+            points = [p.copy() for p in resume.points]
         reader_draws, device_draws = self._epoch_draws()
         source = self._start(plan, reader_draws, points)
         yielded = 0

@@ -277,6 +277,55 @@ def test_validation_resumes_in_stored_order(five: Path) -> None:
         same_batches(head + resumed(loader, state, 1), straight)
 
 
+def test_an_exact_resume_replays_each_reader_once_and_every_pass_starts_at_the_position(
+    five: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load_state_dict replays each reader's draws once (checking the position and finding where the
+    reader resumes, the batch before a short one still waiting included); every pass of the resumed
+    epoch starts from copies of those points, so a pass abandoned and begun again is the same."""
+    from loaders import streaming
+
+    calls = []
+    real = streaming.skip_draws
+
+    def counted(*args: object, **kw: object) -> object:
+        calls.append(args[-1] if len(args) > 5 else None)
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    with wds(five, workers=2) as loader:
+        straight = whole(loader, 1)
+    waiting = 0
+    for k in range(1, len(straight)):
+        with wds(five, workers=2) as loader:
+            _, state = interrupted(loader, 1, k)
+        waiting += bool(state["exact"]["pending"])
+        monkeypatch.setattr(streaming, "skip_draws", counted)
+        calls.clear()
+        with wds(five, workers=2) as loader:
+            loader.load_state_dict(state)
+            loader.set_epoch(1)
+            first = loader.iter_ids()
+            next(first)
+            first.close()  # abandoned after a batch
+            rest = whole(loader, 1)
+            assert len(calls) == 2, f"{len(calls)} replays for 2 readers (k={k})"
+        monkeypatch.setattr(streaming, "skip_draws", real)
+        same_batches(rest, straight[k:])
+    assert waiting, "some positions had a short batch waiting"
+
+
+def test_a_state_of_another_dataset_of_as_many_samples_is_refused(five: Path, nine: Path) -> None:
+    """`five` and `nine` both hold 25 training samples (in other shards): the state names its dataset."""
+    with wds(five, workers=2) as loader:
+        _, state = interrupted(loader, 1, 2)
+    with (
+        wds(nine, workers=2) as loader,
+        pytest.raises(FeedrateError, match=r"is for dataset 'raw-") as caught,
+    ):
+        loader.load_state_dict(state)
+    assert "\n" not in str(caught.value)
+
+
 # -- resume: other counts (elastic) ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("before", "after"),
