@@ -276,7 +276,8 @@ def id_digest(ids: np.ndarray) -> int:
     """A 64-bit digest of a set of sample ids that adds up over disjoint sets: the sum, mod 2**64, of a
     mix (splitmix64's finaliser) of each id. Each rank sums the ids it hands out; a state's consumed
     bitmap (less what its pipelines left out) must then have the ranks' summed digest (a bitmap edited,
-    or paired with another position, differs with odds of 2**-64 of passing). ~10 ns an id."""
+    or paired with another position, differs with odds of 2**-64 of passing). ~20 us a batch of 256
+    (numpy's per-call overhead: 0.08 us an image), ~2 ms for the check of a 50,000-sample bitmap."""
     z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
