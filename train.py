@@ -47,7 +47,7 @@ from training.distributed import DEFAULT_TIMEOUT_S, Group, Topology, plan_epochs
 from training.interrupts import Interrupts
 from training.models import ARCHS, Stepper
 from training.output import open_output
-from training.runinfo import describe, now, phase, rank_info, summary_lines
+from training.runinfo import describe, now, phase, process_record, rank_info, summary_lines
 from training.runstate import (
     Carry,
     Keeper,
@@ -356,11 +356,11 @@ def run_epochs(
     def train_epoch(epoch: int, carry: Carry | None) -> dict[str, Any]:
         """Epoch `epoch`'s training (the rest of it after `carry`), its CSV row and run.json entry, and
         the epoch-end checkpoint."""
-        done, planned = 0, plan["train"]
+        done, planned, dropped = 0, plan["train"], 0
         if carry is not None:
             done = carry.batches
             rest = rest_plan(group, made["train"], done, cfg.batch_size, cfg.max_batches)
-            planned = rest.batches[group.rank]
+            planned, dropped = rest.batches[group.rank], rest.dropped
             if doc.get("resumed"):
                 doc["resumed"][-1]["resumed_epoch"] = rest.as_dict()
         total = done + planned
@@ -385,7 +385,9 @@ def run_epochs(
         record = phase(whole, accuracy, cfg.workers)
         if carry is not None:
             here = part_record(tr_ranks, done + 1, cfg.workers, group.world_size)
-            record["parts"] = [*carry.parts, here]
+            # An elastic resume deals the remainder to the ranks anew; the equal-steps rule then leaves
+            # out up to one sample a rank of it (training.distributed), counted here and in resumed[].
+            record["parts"] = [*carry.parts, here | {"dropped": dropped}]
         entry = {"epoch": epoch, "train": record, "val": None}
         doc["epochs"].append(entry)
         interrupts.check()
@@ -400,11 +402,13 @@ def run_epochs(
     with log, interrupts.deferred():
         status = "failed"
         try:
-            for d in made["train"].downloads + made["test"].downloads:
-                log.download(d.split, d.start, d.loading, d.duration, d.samples)
-            if resume is not None and out is not None:
+            if resume is None:  # a resumed CSV holds the first process's rows 10/11 already
+                for d in made["train"].downloads + made["test"].downloads:
+                    log.download(d.split, d.start, d.loading, d.duration, d.samples)
+            elif out is not None:  # this process's downloads, device, code: its `resumed` entry
                 whole = {split: p.as_dict() for split, p in plans.items()}
-                run.note_resume(resume, log.cut_rows, cfg.workers, group, whole)
+                process = process_record(asdict(cfg), stepper, made, plans, group, ranks)
+                run.note_resume(resume, log.cut_rows, cfg.workers, group, whole, process)
             save("running")
             for epoch in range(run.epoch, cfg.epochs + 1):
                 carry = run.take_carry(epoch)

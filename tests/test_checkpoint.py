@@ -244,6 +244,40 @@ def test_a_save_killed_before_its_rename_leaves_the_last_complete_checkpoint_cho
     assert sorted(os.listdir(tmp_path)) == [checkpoint_name(4), checkpoint_name(9)], "the next save clears it"
 
 
+def test_saves_killed_at_random_moments_never_leave_a_torn_checkpoint_chosen(tmp_path: Path) -> None:
+    """No test seam: a process saving 8 MiB checkpoints back to back is SIGKILLed at seeded random
+    moments (in a write, an fsync, a rename or the rotation, wherever it is); after each kill the newest
+    complete checkpoint is whole, holds what its step wrote, and is never older than one seen before.
+    The saver is a fork of this process (no interpreter start per kill)."""
+    rng = random.Random("random kills")
+    big = torch.arange(1 << 21, dtype=torch.float32)
+    newest, step = 0, 1
+    for _ in range(5):
+        pid = os.fork()
+        if pid == 0:  # the saver: never returns into pytest
+            try:
+                while True:
+                    save(tmp_path, step, {"big": big, "step": torch.tensor(step)}, good_meta())
+                    step += 1
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.05, 0.6))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "killed while saving"
+        notes: list[str] = []
+        found = latest(tmp_path, notes.append)
+        assert notes == [], "the newest ckpt-* is always whole: no write happens under that name"
+        if found is None:
+            assert newest == 0, "a complete checkpoint, once there, stays there"
+            continue
+        loaded = found.tensors()
+        assert int(loaded["step"]) == found.step and torch.equal(loaded["big"], big), "whole, its own step's"
+        assert found.step >= newest
+        newest, step = found.step, found.step + 1
+    assert newest > 1, "the saves got somewhere before the kills"
+
+
 # -- what is refused -----------------------------------------------------------------------------------
 def test_good_metadata_passes(tmp_path: Path) -> None:
     for meta in (good_meta("val"), good_meta("train", epoch=2, world_size=2)):

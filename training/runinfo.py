@@ -55,7 +55,7 @@ def describe(
     (this rank's batches are the planned ones); `ranks`: every rank's host, device and threads.
     """
     global_batch = config["batch_size"] * group.world_size
-    return {
+    head = {
         "status": "running",
         "started": now(),
         "csv": results.CSV_NAME,
@@ -69,6 +69,32 @@ def describe(
         },
         "dataset": {"kind": manifest.kind, "encoding": manifest.encoding, "source": manifest.source}
         | {f"{split}_samples": manifest.splits[split].samples for split in made},
+    }
+    process = process_record(config, stepper, made, plans, group, ranks)
+    used = {
+        "name": config["loader"],
+        "decode_device": made["train"].decode_device,
+        "prefetch_plan": made["train"].prefetch_plan,
+        # False: the data were not checked against the manifest's sha256 (--no-verify)
+        "verify": all(loader.verify for loader in made.values()),
+    }
+    return head | {"device": process.pop("device"), "loader": used} | process | {"epochs": []}
+
+
+def process_record(
+    config: Mapping[str, Any],
+    stepper: Stepper,
+    made: Mapping[str, loaders.Loader],
+    plans: Mapping[str, SplitPlan],
+    group: Group,
+    ranks: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """What one process of a run (the first, or a resumed one: run.json's `resumed[]` entries) ran on:
+    device, library versions, git commit, machine, its downloads and, under torchrun, how the splits
+    were shared out and where each rank ran. A resumed process records its own: --device, the machine,
+    the code and the world size may all differ from the first process's."""
+    global_batch = config["batch_size"] * group.world_size
+    return {
         "device": {
             "type": stepper.device.type,
             "name": results.device_name(stepper.device),
@@ -76,13 +102,6 @@ def describe(
             "channels_last": stepper.channels_last,
             "torch_threads": torch.get_num_threads(),
             "emulated_img_per_s": config["emulate"],
-        },
-        "loader": {
-            "name": config["loader"],
-            "decode_device": made["train"].decode_device,
-            "prefetch_plan": made["train"].prefetch_plan,
-            # False: the data were not checked against the manifest's sha256 (--no-verify)
-            "verify": all(loader.verify for loader in made.values()),
         },
         "versions": results.library_versions(),
         "git": results.git_state(REPO),
@@ -99,7 +118,6 @@ def describe(
             "ranks": list(ranks),
             "rank_counters": None,
         },
-        "epochs": [],
     }
 
 

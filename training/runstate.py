@@ -132,7 +132,9 @@ def find_resume(cfg: Any, say: Callable[[str], None]) -> Resume | None:
     Without --resume, a DIR that holds checkpoints is an error (a fresh run would mix its own into
     them). With it, an empty or missing DIR is a fresh start, said in one line, so that a scheduler can
     relaunch one command line. The checkpoint's settings must be this run's (FROZEN, but the dataset,
-    checked once the manifest is read) and --out, if given, its output directory."""
+    checked once the manifest is read) and --out, if given, its output directory. Without --out, that
+    directory (a path read from the checkpoint) must hold a run.json naming this --checkpoint-dir: a
+    moved or handed-in checkpoint directory continues only where --out says."""
     if cfg.checkpoint_dir is None:
         return None
     directory = Path(cfg.checkpoint_dir)
@@ -159,7 +161,22 @@ def find_resume(cfg: Any, say: Callable[[str], None]) -> Resume | None:
         )
     if not (saved_out / "train.csv").is_file():
         raise FeedrateError(f"--resume: the checkpoint's output directory {saved_out} has no train.csv")
+    if cfg.out is None and not names_checkpoints(saved_out, directory):
+        # meta["out"] is a path from a file: its train.csv would be cut and its run.json replaced
+        raise FeedrateError(
+            f"--resume: the checkpoint's output directory {saved_out} holds no run.json naming "
+            f"--checkpoint-dir {directory}; pass --out {saved_out} to continue the run there"
+        )
     return Resume(found, time.perf_counter() - t0)
+
+
+def names_checkpoints(out: Path, directory: Path) -> bool:
+    """Whether `out`'s run.json names `directory` as its --checkpoint-dir (the run's own results)."""
+    try:
+        saved = json.loads((Path(out) / "run.json").read_text())["config"]["checkpoint_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(saved, str) and Path(saved).resolve() == Path(directory).resolve()
 
 
 def restartable(cfg: Any, out: Path | None) -> bool:
@@ -171,11 +188,10 @@ def restartable(cfg: Any, out: Path | None) -> bool:
         return False
     try:
         doc = json.loads((Path(out) / "run.json").read_text())
-        saved = doc["config"]["checkpoint_dir"]
         early = doc.get("status") != "complete" and not doc.get("resumed") and not doc.get("epochs")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         return False
-    return early and isinstance(saved, str) and Path(saved).resolve() == Path(cfg.checkpoint_dir).resolve()
+    return early and names_checkpoints(Path(out), Path(cfg.checkpoint_dir))
 
 
 @dataclass
@@ -231,8 +247,19 @@ class RunState:
         carry, self.carry = (self.carry, None) if epoch == self.epoch else (None, self.carry)
         return carry
 
-    def note_resume(self, resume: Resume, cut_rows: int, workers: int, group: Group, plans: Any) -> None:
-        """run.json's `resumed` entry (rank 0), its timings filled in by `note_first_batch`."""
+    def note_resume(
+        self,
+        resume: Resume,
+        cut_rows: int,
+        workers: int,
+        group: Group,
+        plans: Any,
+        process: Mapping[str, Any],
+    ) -> None:
+        """run.json's `resumed` entry (rank 0), its timings filled in by `note_first_batch`. `process`:
+        this process's own record (training.runinfo.process_record: device, versions, git, machine, its
+        downloads -- logged here, not as CSV rows, which the first process's hold -- and distributed),
+        as run.json's top level describes the first process's."""
         meta = resume.meta
         self.doc.setdefault("resumed", []).append(
             {
@@ -253,6 +280,7 @@ class RunState:
                 "first_batch_s": None,
                 "resume_s": None,
             }
+            | dict(process)
         )
 
     def note_first_batch(self, stats: EpochStats) -> None:
