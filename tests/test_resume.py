@@ -42,6 +42,7 @@ from rig import locals3
 from shardgen import ShardgenConfig, build
 from tests.helpers import needs_dali
 from training import checkpoint
+from training.results import library_versions
 from training.trace import TRACE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -314,7 +315,7 @@ def test_a_run_killed_mid_epoch_resumes_where_its_checkpoint_was(
     assert all(note[key] > 0 for key in ("find_s", "load_s", "first_batch_s"))
     assert note["resume_s"] < wall, "checkpoint load to first batch is part of the resumed process's life"
     # the resumed process describes itself (run.json's top level is the first process's)
-    assert note["device"]["type"] == "cpu" and note["versions"]["torch"] == torch.__version__
+    assert note["device"]["type"] == "cpu" and note["versions"] == library_versions()
     assert set(note["git"]) == {"commit", "dirty"} and note["machine"]["cpu_count"] >= 1
     assert note["distributed"] is None and note["downloads"] == []
     record = doc["epochs"][1]["train"]

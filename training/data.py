@@ -4,7 +4,7 @@ Everything here can fail on bad input (a missing dataset, an empty split, a take
 cannot reach its store), so it all happens before anything is written: a run that fails here leaves no
 results directory behind. Loaders that fetch their split up front (the torchvision baseline, the tensor
 loader, DALI on a remote root) do it while they are built, so this is also where a run spends its
-download time (CSV rows 10 and 11).
+download time (CSV rows 10 and 11; a resumed run's are in its run.json `resumed` entry instead).
 """
 
 from __future__ import annotations

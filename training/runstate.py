@@ -25,7 +25,11 @@ counts them:
   phase), the old and new workers and world size, the batch rows cut, and the time it took
   (`find_s` finding and verifying the checkpoint, `load_s` reading it into the model and optimiser,
   the loader states, plans and generators, `first_batch_s` the first fetch, `resume_s` their sum:
-  checkpoint load to first batch; building the loaders, which any start pays, is not in it).
+  checkpoint load to first batch; building the loaders, which any start pays, is not in it), and what
+  that process ran on (training.runinfo.process_record: device, versions, git, machine, its downloads
+  -- never CSV rows again: the CSV keeps the first process's -- and under torchrun how it shared out).
+  A resumed epoch's remainder is dealt to the new ranks afresh; under DDP the equal-steps rule may then
+  leave out up to one sample a rank of it, counted in its part's `dropped` and `resumed_epoch.dropped`.
 """
 
 from __future__ import annotations
