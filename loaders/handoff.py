@@ -31,7 +31,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -94,13 +94,7 @@ class ReaderThreads:
                 close()
 
     def __iter__(self) -> Iterator[Any]:
-        turn = deque(range(len(self._queues)))
-        while turn:
-            reader = turn.popleft()
-            message = self.take(reader)
-            if message is END:
-                continue  # this reader is done: it leaves the turn
-            turn.append(reader)
+        for _, message in in_turn(self, deque(range(len(self._queues)))):
             yield message
 
     def take(self, reader: int) -> Any:
@@ -134,6 +128,24 @@ class ReaderThreads:
 
 
 END = object()  # a reader's last message when its work ended normally
+
+
+class Source(Protocol):
+    def take(self, reader: int) -> Any: ...
+
+
+def in_turn(source: Source, turn: deque[int]) -> Iterator[tuple[int, Any]]:
+    """(reader, message) from `source`'s readers in the fixed turn `turn` (round-robin; a reader whose
+    work has ended leaves it). `turn` is kept up to date in place as each message is taken -- the taking
+    reader already back at its end when its message is yielded -- so a consumer that must resume an epoch
+    mid-turn (loaders.streaming) can save it and start from it again."""
+    while turn:
+        reader = turn.popleft()
+        message = source.take(reader)
+        if message is END:
+            continue  # this reader is done: it leaves the turn
+        turn.append(reader)
+        yield reader, message
 
 
 class InlineReader:

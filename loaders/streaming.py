@@ -179,7 +179,7 @@ from feedrate.storage import open_store
 from loaders.augment import EpochDraws, normalize
 from loaders.base import Download, LoaderConfig, batches_for
 from loaders.decode import DECODERS, Decoder, decode_choices
-from loaders.handoff import END, InlineReader, ReaderThreads
+from loaders.handoff import END, InlineReader, ReaderThreads, in_turn
 from loaders.options import choice, count, flag, net_preset, parse_options
 from loaders.partition import Unit, rank_units, reader_units, remainder_rows, shard_order
 from loaders.resume import Progress, check, decode, encode, exact_for, same_counts
@@ -1054,13 +1054,7 @@ class WdsLoader:
             if reader not in cursor.turn:
                 assert source.take(reader) is END, "a resumed reader ends as it did"
         have = sum(len(p.labels) for p in pending)
-        turn = cursor.turn
-        while turn:
-            reader = turn.popleft()
-            message = source.take(reader)
-            if message is END:
-                continue  # this reader is done: it leaves the turn
-            turn.append(reader)
+        for reader, message in in_turn(source, cursor.turn):
             if isinstance(message, EpochDone):
                 cursor.done[reader] = True
                 self._epoch_skipped += message.skipped
