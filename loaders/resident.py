@@ -20,7 +20,8 @@ Order, augmentation and resume (loaders.resume's contract):
 - the epoch's order is `loaders.batches.SplitOrder`'s: one permutation of the split from (seed, epoch),
   drawn on the host (so each batch's sample ids are known there without asking the device), dealt to
   the ranks in turn (rank r: positions r, r+R, ...); validation reads the split in row order. It depends
-  on (seed, epoch, the split's size, rank, world size), not on the worker count (there are no workers).
+  on (seed, epoch, the split's size, rank, world size), not on the worker count: the preparation
+  threads fill batches whose ids are fixed already, and the consumer takes them in that order.
 - each sample's crop and flip are its entry of the epoch's `EpochDraws` (seed, epoch), folded once an
   epoch into one int64 per sample (the canvas pixel where its crop starts), so a batch's crops are one
   lookup by sample id: a sample is cropped alike whichever rank or batch reads it, and a resumed epoch
@@ -33,30 +34,38 @@ Order, augmentation and resume (loaders.resume's contract):
 - the epoch's part and crop table (two int64 per sample, 0.8 MB for CIFAR-10) are the only host-to-
   device copies an epoch makes, once, at its start.
 
-Where the batches are prepared:
-- CUDA: in `next()`, as kernels queued on the current stream; they run asynchronously behind the step
-  already, so nothing more is needed.
-- CPU: the ops would run inside `next()` and the step would wait for them (with an emulated or a slow
-  step, data wait the training loop sees). Instead a background thread (`Prefetch`; torch ops release
-  the GIL) prepares each epoch's batches into a small ring of preallocated buffers, at most
-  `AHEAD` batches ahead of the consumer. A batch depends only on its sample ids (their order and
-  draws are fixed by the seed and epoch), so the batches are the same however fast either side runs.
-  It never starts the next epoch (its order depends on `set_epoch`); it stops when the epoch ends, is
-  abandoned, or `close()` is called, and an exception in it is raised in the consumer.
+Where the batches are prepared (`--workers N` means N preparation threads in the training process;
+0: the training thread prepares each batch inside `next()`, as the wds loader's readers and
+DataLoader's workers mean it):
+- CUDA: in `next()`, as kernels queued on the current stream, whatever N; they run asynchronously
+  behind the step already, so nothing more is needed.
+- CPU, N >= 1: the ops would run inside `next()` and the step would wait for them (with an emulated or
+  a slow step, data wait the training loop sees). Instead N threads (`Prefetch`; torch ops release the
+  GIL) prepare each epoch's batches into preallocated buffers from one shared pool: thread i fills
+  batches i, i+N, i+2N, ..., each thread at most `AHEAD` batches ahead of the consumer, who takes batch
+  k from thread k % N. A batch depends only on its sample ids (their order and draws are fixed by the
+  seed and epoch), so the batches and their order are the same for every N and however fast either
+  side runs. Each thread runs torch with one intra-op thread (N threads, N cores). The threads never
+  start the next epoch (its order depends on `set_epoch`); they stop when the epoch ends, is abandoned,
+  or `close()` is called, and an exception in any of them is raised in the consumer when it reaches the
+  batch that thread was preparing (the batches before it arrive first).
+- CPU, N = 0 (`Inline`): each batch is prepared in `next()`, in the consumer's thread; nothing runs
+  ahead.
 
 Stage times (`stage_times()`, the loaders.stagetimes contract): `augment` is the preparation of each
-batch (gather, crop, flip, float conversion, normalisation, labels) -- in the CPU thread, or on CUDA the
-CPU's side of queueing those kernels in `next()` (the GPU runs them behind the step: their GPU time is
-the step's); `queue` is the consumer taking a batch the CPU thread has ready (a wait for one still
-being prepared is not counted). `storage`, `decode` and `transfer` are zero per epoch, and reported as
-such: the split was read, unpickled and copied to the device once, when the loader was built (the
-CSV's type 10/11 row); no epoch reads or decodes anything, and its only copy from the host (the ids and
-crop table at its start) is too small to count.
+batch (gather, crop, flip, float conversion, normalisation, labels) -- in the preparation threads
+(summed over them, each fill's CPU time its own thread's), with workers=0 in the consumer's thread and
+marked as the consumer's, or on CUDA the CPU's side of queueing those kernels in `next()` (the GPU runs
+them behind the step: their GPU time is the step's); `queue` is the consumer taking a batch a thread has
+ready (a wait for one still being prepared is not counted). `storage`, `decode` and `transfer` are
+zero per epoch, and reported as such: the split was read, unpickled and copied to the device once,
+when the loader was built (the CSV's type 10/11 row); no epoch reads or decodes anything, and its only
+copy from the host (the ids and crop table at its start) is too small to count.
 
-A yielded CPU batch lives in a ring buffer that is refilled two batches later, unless something still
-holds it then (a reference to the tensors, a view of them, a numpy array over them): such a buffer is
-left to its holder and replaced by a fresh one, so a caller that keeps batches (`list(loader)`) never
-sees one overwritten.
+A yielded CPU batch lives in a pooled buffer (N * AHEAD + HELD of them, 3 MB each at batch 256) that
+is refilled once two later batches have been taken, unless something still holds it then (a reference
+to the tensors, a view of them, a numpy array over them): such a buffer is left to its holder and
+replaced by a fresh one, so a caller that keeps batches (`list(loader)`) never sees one overwritten.
 """
 
 from __future__ import annotations
@@ -81,8 +90,8 @@ from loaders.shards import dataset_key, open_dataset
 from loaders.stagetimes import STAGES, Snapshot, StageTimes
 from loaders.transfer import to_device
 
-# Batches the CPU thread prepares ahead of the consumer: two hide one slow preparation behind a step
-# without holding more memory (3 MB a batch of 256) than that needs.
+# Batches each CPU preparation thread prepares ahead of the consumer: two hide one slow preparation
+# behind a step without holding more memory (3 MB a batch of 256) than that needs.
 AHEAD = 2
 # The consumer holds up to two buffers at once: the batch it asked for, and the one before, still bound
 # to the caller's loop variable while `next()` runs.
@@ -95,7 +104,7 @@ POLL_S = 0.1  # how often a waiting side looks whether the other has stopped
 
 @dataclass
 class Slot:
-    """One preallocated batch: the buffers the thread fills and the number of samples in them."""
+    """One preallocated batch: the buffers a preparation fills and the number of samples in them."""
 
     images: torch.Tensor  # (batch, 3, 32, 32) float32
     labels: torch.Tensor  # (batch,) int64
@@ -125,18 +134,40 @@ def _storage_users(tensor: torch.Tensor) -> int:
 
 
 class Failure:
-    """An exception raised in the thread, carried to the consumer."""
+    """An exception raised in a preparation thread, carried to the consumer."""
 
     def __init__(self, exc: BaseException) -> None:
         self.exc = exc
 
 
-END = object()  # the thread has prepared every batch of the epoch
+THREAD_NAME = "tensor-prefetch"  # preparation thread i is named f"{THREAD_NAME}-{i}"
+
+
+@dataclass
+class Lane:
+    """One preparation thread's share of an epoch: batches k = i, i + N, i + 2N, ... (thread i of N),
+    handed to the consumer in that order through `ready`; `room` lets at most AHEAD of them be prepared
+    and not yet taken."""
+
+    room: threading.Semaphore
+    ready: queue.SimpleQueue[object]
+    thread: threading.Thread
 
 
 class Prefetch:
-    """`fill(slot, k)` for k in range(batches) in a daemon thread, at most `ahead` batches ahead of
-    `get()`. Slots are made by `new_slot`; `give_back` returns one the consumer no longer uses."""
+    """`fill(slot, k)` for k in range(batches) in `threads` daemon threads: thread i of N fills the
+    batches k with k % N == i, each thread at most `ahead` batches ahead of the consumer, and `get()`
+    returns them in order k = 0, 1, ... (from thread k % N's queue), so the sequence does not depend on N
+    or on how the threads are scheduled. Slots come from one pool shared by the threads, made by
+    `new_slot` (N * ahead + HELD of them: every thread can hold `ahead` while the consumer holds HELD,
+    so none ever waits for a slot the others hold); `give_back` returns one the consumer no longer uses.
+
+    Each thread runs torch with one intra-op thread (`torch.set_num_threads` is per thread), so N
+    threads use N cores. torch keeps the last count set as the default of every thread that has not yet
+    run a parallel op -- the consumer's too, which would silently drop to one (seen here with torch
+    2.14: a thread's `set_num_threads(1)` before the main thread's first op left the main thread at
+    1). So the consumer's own count is read (and thereby fixed for its thread) before any thread starts.
+    """
 
     def __init__(
         self,
@@ -145,25 +176,42 @@ class Prefetch:
         new_slot: Callable[[], Slot],
         ahead: int,
         stages: StageTimes | None = None,
+        threads: int = 1,
     ) -> None:
-        self._stages = stages  # fill counted as `augment`, a ready batch's hand-off as `queue`
+        if threads < 1 or ahead < 1:
+            raise ValueError(f"Prefetch needs threads >= 1 and ahead >= 1, not {threads} and {ahead}")
+        self._stages = stages  # each fill counted as `augment` (its thread's CPU time), a hand-off as `queue`
         self._fill = fill
         self._new_slot = new_slot
-        self._room = threading.Semaphore(ahead)  # batches prepared and not yet taken
+        self._batches = batches
+        self._taken = 0  # batches handed to the consumer so far: the next is batch self._taken
+        threads = max(1, min(threads, batches))  # a thread with no batch to prepare is not started
         self._free: queue.SimpleQueue[Slot] = queue.SimpleQueue()
-        for _ in range(ahead + HELD):
+        for _ in range(threads * ahead + HELD):
             self._free.put(new_slot())
-        self._ready: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(batches,), name="tensor-prefetch", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, batches: int) -> None:
+        torch.get_num_threads()  # fixes the consumer's intra-op count before a thread sets its own
+        self._lanes = [
+            Lane(
+                threading.Semaphore(ahead),
+                queue.SimpleQueue(),
+                threading.Thread(target=self._run, args=(i, threads), name=f"{THREAD_NAME}-{i}", daemon=True),
+            )
+            for i in range(threads)
+        ]
         try:
-            for k in range(batches):
-                slot = self._next_slot()
+            for lane in self._lanes:
+                lane.thread.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _run(self, first: int, step: int) -> None:
+        torch.set_num_threads(1)  # this thread's intra-op pool only (see the class docstring)
+        lane = self._lanes[first]
+        try:
+            for k in range(first, self._batches, step):
+                slot = self._next_slot(lane)
                 if slot is None:
                     return
                 if self._stages is None:
@@ -171,14 +219,13 @@ class Prefetch:
                 else:
                     with self._stages.timed("augment"):
                         self._fill(slot, k)
-                self._ready.put(slot)
-            self._ready.put(END)
+                lane.ready.put(slot)
         except BaseException as exc:  # everything reaches the consumer
-            self._ready.put(Failure(exc))
+            lane.ready.put(Failure(exc))
 
-    def _next_slot(self) -> Slot | None:
-        """A free slot once there is room for another batch ahead; None when told to stop."""
-        while not self._room.acquire(timeout=POLL_S):
+    def _next_slot(self, lane: Lane) -> Slot | None:
+        """A free slot once the lane has room for another batch ahead; None when told to stop."""
+        while not lane.room.acquire(timeout=POLL_S):
             if self._stop.is_set():
                 return None
         while not self._stop.is_set():
@@ -189,31 +236,35 @@ class Prefetch:
         return None
 
     def get(self) -> Slot | None:
-        """The next prepared batch, or None after the last; the thread's exception is raised here."""
-        item = self._ready_now()
+        """The next prepared batch, or None after the last; an exception of the thread that was to
+        prepare it is raised here (the batches before it have been returned)."""
+        if self._taken == self._batches:
+            return None
+        lane = self._lanes[self._taken % len(self._lanes)]
+        item = self._ready_now(lane)
         while item is None:
             try:
-                item = self._ready.get(timeout=POLL_S)
+                item = lane.ready.get(timeout=POLL_S)
             except queue.Empty:
-                if not self._thread.is_alive() and self._ready.empty():
+                if not lane.thread.is_alive() and lane.ready.empty():
                     raise RuntimeError(
-                        "the tensor loader's prefetch thread stopped without a batch"
+                        f"the tensor loader's preparation thread {lane.thread.name} stopped without "
+                        f"batch {self._taken}"
                     ) from None
-        if item is END:
-            return None
         if isinstance(item, Failure):
             raise item.exc
-        self._room.release()
+        lane.room.release()
+        self._taken += 1
         assert isinstance(item, Slot)
         return item
 
-    def _ready_now(self) -> object | None:
-        """The next item when it is ready already (its hand-off timed as `queue`), else None."""
+    def _ready_now(self, lane: Lane) -> object | None:
+        """The lane's next item when it is ready already (its hand-off timed as `queue`), else None."""
         try:
             if self._stages is None:
-                return self._ready.get_nowait()
+                return lane.ready.get_nowait()
             with self._stages.timed("queue"):
-                return self._ready.get_nowait()
+                return lane.ready.get_nowait()
         except queue.Empty:
             return None
 
@@ -223,10 +274,53 @@ class Prefetch:
         self._free.put(self._new_slot() if slot.held_elsewhere() else slot)
 
     def stop(self) -> None:
-        """Stop the thread (it finishes the batch it is filling) and wait for it; safe to call twice."""
+        """Stop every thread (each finishes the batch it is filling) and wait for them; safe to call
+        twice."""
         self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        for lane in self._lanes:
+            if lane.thread is not threading.current_thread() and lane.thread.ident is not None:
+                lane.thread.join()
+
+
+class Inline:
+    """`workers=0`: each batch prepared in the consumer's own thread, inside `get()`, with `Prefetch`'s
+    get/give_back/stop. Its `augment` is on the consumer's path and marked so (loaders.stagetimes
+    `consumer`); there is no hand-off (`queue` stays zero). Slots are made as needed: HELD + 1 at most
+    while nothing keeps a batch."""
+
+    def __init__(
+        self,
+        batches: int,
+        fill: Callable[[Slot, int], None],
+        new_slot: Callable[[], Slot],
+        stages: StageTimes | None = None,
+    ) -> None:
+        self._batches = batches
+        self._fill = fill
+        self._new_slot = new_slot
+        self._stages = stages
+        self._taken = 0
+        self._free: list[Slot] = []
+
+    def get(self) -> Slot | None:
+        """The next batch, prepared now, or None after the last."""
+        if self._taken == self._batches:
+            return None
+        slot = self._free.pop() if self._free else self._new_slot()
+        if self._stages is None:
+            self._fill(slot, self._taken)
+        else:
+            with self._stages.timed("augment", consumer=True):
+                self._fill(slot, self._taken)
+        self._taken += 1
+        return slot
+
+    def give_back(self, slot: Slot) -> None:
+        """As `Prefetch.give_back`."""
+        self._free.append(self._new_slot() if slot.held_elsewhere() else slot)
+
+    def stop(self) -> None:
+        """Nothing runs apart from the consumer."""
 
 
 class TensorLoader:
@@ -292,7 +386,7 @@ class TensorLoader:
             dataset_key(self.root),
         )
         self._starts: tuple[int, torch.Tensor] | None = None  # (epoch, each sample's crop start)
-        self._prefetch: Prefetch | None = None  # the CPU thread of the epoch being read, if any
+        self._prefetch: Prefetch | Inline | None = None  # the CPU preparation of the epoch being read
         self._stages = StageTimes()
         for stage in STAGES:  # all separable; storage, decode and transfer stay zero (module docstring)
             self._stages.add(stage, 0.0, 0.0)
@@ -330,8 +424,8 @@ class TensorLoader:
         return self._stages.snapshot()
 
     def close(self) -> None:
-        """Stop the CPU thread, then free the resident split now (on a GPU, its memory goes back to the
-        caching allocator). Safe to call twice."""
+        """Stop the CPU preparation threads, then free the resident split now (on a GPU, its memory goes
+        back to the caching allocator). Safe to call twice."""
         self._stop_prefetch()
         self._images = self._rows = None
 
@@ -395,7 +489,7 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._images is None and self._rows is None:
             raise FeedrateError(f"the tensor loader of {self.root.url} was closed; make a new one to read it")
-        self._stop_prefetch()  # an abandoned epoch's thread, if its iterator is still alive
+        self._stop_prefetch()  # an abandoned epoch's threads, if its iterator is still alive
         ids = self._map.begin()  # this rank's part, on the host: each batch's ids are marked from it
         fill = self._filler(self._device_ids(ids))
         bs = self.cfg.batch_size
@@ -423,9 +517,16 @@ class TensorLoader:
     def _prefetched(
         self, ids: np.ndarray, batches: int, fill: Callable[[Slot, int], None]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from a `Prefetch` thread; a slot goes back when the batch two after it is
-        taken (see the module docstring), and the thread stops when this generator ends in any way."""
-        prefetch = self._prefetch = Prefetch(batches, fill, self._new_slot, AHEAD, self._stages)
+        """The epoch's batches from `max(1, workers)` preparation threads (`Prefetch`), or with workers=0
+        prepared in this thread (`Inline`); a slot goes back when the batch two after it is taken (see the
+        module docstring), and the threads stop when this generator ends in any way."""
+        workers = self.cfg.workers
+        prefetch: Prefetch | Inline
+        if workers == 0:
+            prefetch = Inline(batches, fill, self._new_slot, self._stages)
+        else:
+            prefetch = Prefetch(batches, fill, self._new_slot, AHEAD, self._stages, workers)
+        self._prefetch = prefetch
         held: list[Slot] = []
         try:
             k = 0

@@ -123,3 +123,62 @@ def test_remote_load_is_recorded_as_a_download(make_encoded_dataset, bucket, s3_
     gets = s3_server.requests("GET", f"/{bucket}/enc/cifar-10-batches-py/")
     assert len(gets) == 1, gets
     shutil.rmtree(tmp_path / "c")
+
+
+def _batches(loader, epoch: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return [(decode_identity(images)[0], images.clone(), labels.clone()) for images, labels in loader]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_every_worker_count_gives_the_same_batches(make_encoded_dataset, train: bool) -> None:
+    """workers=N is N preparation threads (0: the consumer's own): batch k depends on its ids alone, so
+    ids, labels and pixels (crops and flips included) are the same for every N, in every epoch and rank."""
+    root = str(make_encoded_dataset("raw", n_train=300, n_test=100, shard_size=100))
+    for rank in (0, 1):
+        made = {}
+        for workers in (0, 1, 2, 3):
+            cfg = LoaderConfig(
+                root, "train", batch_size=32, train=train, workers=workers, seed=4, rank=rank, world_size=2
+            )
+            loader = make_loader("tensor", cfg)
+            made[workers] = [_batches(loader, epoch) for epoch in (0, 1)]
+            loader.close()
+        reference = made[0]
+        assert len(reference[0]) == 5  # 150 samples a rank
+        if train:
+            assert reference[0][0][0] != reference[1][0][0], "epochs differ"
+        for workers, epochs in made.items():
+            for ref_epoch, epoch in zip(reference, epochs, strict=True):
+                assert len(epoch) == len(ref_epoch), workers
+                for (ids, images, labels), (ref_ids, ref_images, ref_labels) in zip(
+                    epoch, ref_epoch, strict=True
+                ):
+                    assert ids == ref_ids, workers
+                    assert torch.equal(labels, ref_labels) and torch.equal(images, ref_images), workers
+
+
+def test_a_state_resumes_under_another_worker_count(make_encoded_dataset) -> None:
+    """The state is the ids handed out: saved with 2 threads, loaded with 3 (or 0), the rest of the epoch
+    is the uninterrupted run's, pixel for pixel."""
+    root = str(make_encoded_dataset("raw", n_train=300, n_test=100, shard_size=100))
+
+    def loader(workers: int):
+        cfg = LoaderConfig(root, "train", batch_size=32, train=True, workers=workers, seed=2)
+        return make_loader("tensor", cfg)
+
+    whole = _batches(loader(2), 1)
+    first = loader(2)
+    first.set_epoch(1)
+    it = iter(first)
+    for _ in range(4):
+        next(it)
+    state = first.state_dict()
+    first.close()
+    for workers in (3, 0):
+        resumed = loader(workers)
+        resumed.load_state_dict(state)
+        rest = [(decode_identity(i)[0], i.clone(), t.clone()) for i, t in resumed]
+        assert len(rest) == len(whole) - 4
+        for (ids, images, labels), (w_ids, w_images, w_labels) in zip(rest, whole[4:], strict=True):
+            assert ids == w_ids and torch.equal(images, w_images) and torch.equal(labels, w_labels)
