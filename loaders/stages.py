@@ -241,6 +241,7 @@ def prefetched(
     ready: Sequence[Future] = (),
     spill: tuple[Sequence[Any], list[Future]] | None = None,
     stages: StageTimes | None = None,
+    lead: int = 0,
 ) -> Iterator:
     """`load(item)` for each item, in order, with up to `depth` loads running ahead in `pool`.
 
@@ -249,7 +250,9 @@ def prefetched(
     `spill`: (the items that come next, a list to append their loads to): once every item is submitted,
     each load taken out is replaced by one of the next items', so as many loads stay in flight across
     the boundary as within it (the caller hands `spill`'s loads to the next pass as its `ready`); an
-    item still loading for this pass is not started again until that load is done.
+    item still loading for this pass is not started again until that load is done. `lead`: let that
+    many loads be in flight across the boundary when it is more than `depth` (what the next pass needs
+    before it can draw its first batch).
     `stages`: the wait for each load's result is counted as `storage` (what the loads cost the reader).
     """
 
@@ -269,7 +272,7 @@ def prefetched(
     while pending:
         if spill is not None:
             following, started = spill
-            while len(started) < len(following) and len(pending) + len(started) <= want():
+            while len(started) < len(following) and len(pending) + len(started) <= max(want(), lead):
                 nxt = following[len(started)]
                 if any(item == nxt and not future.done() for item, future in pending):
                     break  # the same item is still loading for this pass: one fetch of it at a time

@@ -240,3 +240,22 @@ def test_read_ahead_spills_into_the_next_pass_but_never_loads_one_item_twice_at_
         for gate in gates.values():
             gate.set()
         assert next(passes) == "b" and [f.result() for f in spilled] == ["c", "d"]
+
+
+def test_read_ahead_lead_fills_the_next_pass_buffer_beyond_the_depth() -> None:
+    """stages.prefetched's `lead`: at depth 1 only one of the next pass's loads would be in flight at
+    the boundary, while its shuffle buffer needs two units before its first draw; `lead=2` starts both,
+    and never more (the third waits for the next pass itself)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loaders.stages import prefetched
+
+    def load(item: str) -> str:
+        return item
+
+    for lead, expected in ((0, ["c"]), (2, ["c", "d"])):
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            spilled: list = []
+            out = list(prefetched(["a", "b"], load, pool, 1, spill=(["c", "d", "e"], spilled), lead=lead))
+            assert out == ["a", "b"]
+            assert [f.result() for f in spilled] == expected
