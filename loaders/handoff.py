@@ -13,7 +13,10 @@ threads are scheduled.
 
 Each reader thread runs with one torch intra-op thread (`torch.set_num_threads` is a per-thread setting;
 the consumer's own count is left as it was), so N readers use N cores and do not oversubscribe the
-cores the model needs.
+cores the model needs. But torch 2.14 takes the last count set, in any thread, as the count of a thread
+that has not run a parallel op yet: a reader's `set_num_threads(1)` before the consumer's first op left
+the consumer (the training loop) at one thread. So the consumer's count is read (which fixes it for its
+thread) before the readers start.
 
 Hand-off time (the `queue` stage, loaders.stagetimes): with a `StageTimes`, the consumer counts each
 `get_nowait()` of a batch already waiting in its reader's queue; when the batch is not there yet it waits
@@ -58,6 +61,7 @@ class ReaderThreads:
         name: str = "reader",
         stages: StageTimes | None = None,
     ) -> None:
+        torch.get_num_threads()  # fixes the consumer's intra-op count before a reader sets its own
         self._stop = threading.Event()
         self._stages = stages
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in jobs]

@@ -330,6 +330,31 @@ def test_round_robin_order_and_a_reader_failure() -> None:
         list(failing)
 
 
+FRESH_CONSUMER = """
+import torch
+from loaders.handoff import ReaderThreads
+torch.set_num_threads(2)  # nothing has run a parallel op in this thread yet
+print(sorted(ReaderThreads([lambda: iter([1, 2]), lambda: iter([3])], 2)), torch.get_num_threads())
+"""
+
+
+def test_readers_leave_a_fresh_consumers_torch_threads_alone() -> None:
+    """torch takes the last thread count set anywhere as the count of a thread that has not run a
+    parallel op yet: without the consumer's count fixed first, a reader's set_num_threads(1) became the
+    training loop's. A fresh process, so the consumer has run no op."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_CONSUMER],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert out.stdout.split() == ["[1,", "2,", "3]", "2"], out
+
+
 def test_workers_are_threads_that_leave_the_consumer_alone(coded: dict[int, Path]) -> None:
     before = torch.get_num_threads()
     with WdsLoader(config(coded[5], workers=2)) as loader:
