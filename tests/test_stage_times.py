@@ -109,9 +109,9 @@ def test_the_baselines_worker_processes_send_their_stage_seconds(datasets: dict[
 
 
 def test_the_tensor_loaders_prep_thread_reports_augment_and_queue(datasets: dict[str, Path]) -> None:
-    """The prep thread's batches are augment (inside the epoch's wall time: one thread); the split is
-    resident, so the stages an epoch does not have are reported as zero, not left out."""
-    cfg = LoaderConfig(data=str(datasets["raw"]), split="train", batch_size=256, train=True, workers=0)
+    """The prep thread's batches are augment (inside the epoch's wall time: one thread, --workers 1);
+    the split is resident, so the stages an epoch does not have are reported as zero, not left out."""
+    cfg = LoaderConfig(data=str(datasets["raw"]), split="train", batch_size=256, train=True, workers=1)
     loader = make_loader("tensor", cfg)
     try:
         wall, _cpu, stages = _epoch(loader, 0)
