@@ -54,9 +54,11 @@ raised by the next iteration, as the build in place would have raised it. A chec
 built ahead is DALI's as any other (its first runs were scheduled early, nothing else differs).
 Measured on the 2-core machine, shared with other work: 20,000 raw samples, batch 256, 2 threads,
 whole epochs A/B against building in place (5 rounds of 5 epochs, alternating, medians): the first
-batch 93 -> 20 ms, epochs 62.6k -> 70.8k img/s, CPU per image within noise (23.2 and 22.8 us); the
-cost is two pipelines while an epoch ends: the peak RSS of a process reading 6 epochs 785-828 -> 909-915
-MiB (each pipeline's read_ahead holds the shards it maps, ~100 MiB here). DALI's `Pipeline.build`
+batch 93 -> 20 ms, epochs 62.6k -> 70.8k img/s, CPU per image within noise (23.2 and 22.8 us; in a
+busier hour, 6 rounds of 6: 157 -> 35 ms, 40.9k -> 46.2k img/s, 35.5 and 35.5 us); the
+cost is two pipelines while an epoch ends: the peak RSS of a process reading 6 epochs 788-797 -> 874-904
+MiB (3 processes each; 16 epochs: 823 -> 912 MiB, the anonymous memory ~55 MiB higher from the third
+epoch on and flat after it, not growing). DALI's `Pipeline.build`
 holds the GIL throughout (~30 ms here: a Python thread beside it stalls as long), so the build is not
 hidden from a consumer running Python; the fill is. Starting the build as the last batch is handed
 out instead (the ended pipeline released first: never two) kept the RSS (815-840 MiB) but ran worse,
@@ -65,8 +67,11 @@ out instead (the ended pipeline released first: never two) kept the RSS (815-840
 A pipeline runs no further than its epoch: DALI's iterator schedules a run for every batch it hands
 out, so past the end its reader went on into a second epoch (`prefetch` batches, and the shuffle
 buffer refilled for them) that nobody reads, and a reset at the end would start it too (auto_reset is
-off). Without those runs a raw epoch cost 25.1 instead of 28.2 CPU us per image (2 threads, medians of
-6 alternating epochs, the build not counted; measured on the shared 2-core machine).
+off). That is no great cost by itself (whole raw epochs with and without those runs, the build
+included, 6 rounds of 6 alternating: 35.5 and 34.4 CPU us per image, inside their 30-40 spread on the
+shared machine), but it would compete with the fill of the pipeline built ahead. A pipeline read to
+its end is released then, when one built ahead is to take over: an evaluation loader keeps one
+pipeline, not two, through the training epoch between its epochs.
 
 Checkpoints (`state_dict()` / `load_state_dict()`, the contract of loaders.resume):
 - ids: every batch's sample ids come from its label rows (loaders.dali_state: the label component
@@ -863,6 +868,8 @@ class DaliLoader:
             if left == 0:
                 self._finish_epoch(plan)  # before the last yield: a caller may stop right after it
                 self._end_of(source)
+                if self._ahead is not None:  # read to its end: one built ahead takes over (docstring)
+                    self._release()
             if self._ahead_at is not None and left <= self._ahead_at:
                 self._start_ahead(plan, ended=left == 0)
             if labels.shape[0]:
