@@ -52,17 +52,17 @@ pending); anything else (another epoch, the same one again, `load_state_dict`, `
 thread and releases its pipeline, and the right one is built in place. An error of that build is
 raised by the next iteration, as the build in place would have raised it. A checkpoint of a pipeline
 built ahead is DALI's as any other (its first runs were scheduled early, nothing else differs).
-Measured on the 2-core machine, shared with other work: 20,000 raw samples, batch 256, 2 threads,
-whole epochs A/B against building in place (5 rounds of 5 epochs, alternating, medians): the first
-batch 93 -> 20 ms, epochs 62.6k -> 70.8k img/s, CPU per image within noise (23.2 and 22.8 us; in a
-busier hour, 6 rounds of 6: 157 -> 35 ms, 40.9k -> 46.2k img/s, 35.5 and 35.5 us); the
-cost is two pipelines while an epoch ends: the peak RSS of a process reading 6 epochs 788-797 -> 874-904
-MiB (3 processes each; 16 epochs: 823 -> 912 MiB, the anonymous memory ~55 MiB higher from the third
-epoch on and flat after it, not growing). DALI's `Pipeline.build`
-holds the GIL throughout (~30 ms here: a Python thread beside it stalls as long), so the build is not
-hidden from a consumer running Python; the fill is. Starting the build as the last batch is handed
-out instead (the ended pipeline released first: never two) kept the RSS (815-840 MiB) but ran worse,
-57.8k img/s and 53 ms to the first batch (the same runs).
+Measured on the 2-core machine, shared with other work: 20,000 samples, batch 256, 2 threads, whole
+epochs A/B against building in place (alternating, medians): raw (6 rounds of 6 epochs) the first
+batch 156 -> 8.5 ms, 40.6k -> 46.1k img/s, CPU per image within noise (34.4 and 35.0 us); jpg (3 of 5)
+198 -> 8.5 ms, 19.2k -> 21.1k img/s, 89.5 and 85.1 us. The cost is two pipelines while an epoch ends:
+the peak RSS of a process reading 6 raw epochs 788-797 -> 874-904 MiB (3 processes each; 16 epochs:
+823 -> 912 MiB, the anonymous memory ~55 MiB higher from the third epoch on and flat after it, not
+growing). DALI's `Pipeline.build` holds the GIL throughout (~30 ms here: a Python thread beside it
+stalls as long), so the build is not hidden from a consumer running Python; the fill is. Starting the
+build only as the last batch is handed out (the ended pipeline released first: never two) kept the
+RSS but ran worse in an earlier run (raw: 57.8k img/s and 53 ms to the first batch, against 70.8k
+and 20 ms starting early and 62.6k and 93 ms in place).
 
 A pipeline runs no further than its epoch: DALI's iterator schedules a run for every batch it hands
 out, so past the end its reader went on into a second epoch (`prefetch` batches, and the shuffle
@@ -125,7 +125,9 @@ NVTX ranges for an external profiler (Nsight Systems). So:
   (`time.thread_time`; releasing the ended pipeline, when that thread does it, included) as a
   reader's, off the consumer's path; the consumer's spans that overlap that build leave the thread's
   CPU out (read through its thread clock, `time.pthread_getcpuclockid`), so nothing is counted twice,
-  and waiting for a build that has not finished is the consumer's. It includes reading the shards:
+  and waiting for a build that has not finished is the consumer's. The reader's first fill now runs
+  on DALI's threads ahead of the consumer, in neither figure (decode CPU per image, A/B as in the
+  build-ahead figures above: raw 9.2 -> 7.0 us, jpg 35.4 -> 32.9). It includes reading the shards:
   storage and decode are merged,
   and `storage` is absent ("not separable"). On a GPU it also holds the augmentation and the images'
   copy to the device, which stay inside DALI there. Its CPU seconds are the process's
@@ -341,7 +343,7 @@ def _checked_iterator() -> type:
         def _schedule_runs(self, release_outputs: bool = True) -> None:
             # DALI's own schedules a run for every batch handed out, also past the epoch's end: its
             # pipeline then reads `prefetch` batches of a second epoch (and refills the shuffle buffer
-            # for it) that the loader never asks for, ~3 us per image of a raw epoch (module docstring)
+            # for it) that the loader never asks for, beside the fill of the next one (module docstring)
             self._ever_scheduled = True
             (pipe,) = self._pipes
             with pipe._check_api_type_scope(types.PipelineAPIType.ITERATOR):
