@@ -3,8 +3,10 @@
 At 32x32 the time goes to per-sample Python, not to pixels, so every path here works on a batch and
 touches each sample as little as it can (measured on the 2-core machine, one core, per image):
 
-- raw: no decoding at all. The images of a batch are one gather of fixed-size rows from a sliding-window
-  view of the shard buffer (numpy, no per-sample Python), ~0.5 us/img. Layout NHWC, as stored.
+- raw: no decoding at all. Each part's images are gathered straight into the batch by one torch
+  `index_select` of fixed-size rows out of a view of every run of the buffer (no per-sample Python):
+  ~1.0 us/img on one core where numpy's `sliding_window_view`, a gather and a concatenation took ~1.5
+  (256 images from 6 shards, the same hour). Layout NHWC, as stored.
 - jpg: simplejpeg (libjpeg-turbo, exact "islow" DCT: the same pixels as PIL) decodes each image straight
   into its row of the batch (`buffer=`), no per-image array: ~24-28 us/img on one core here, where
   OpenCV's imdecode takes ~30-34, torchvision's decode op ~41 and PIL ~100-115 (32x32 4:4:4 q95, ~2.1 KB;
@@ -76,9 +78,8 @@ class Decoder:
 
 def decode_raw(parts: Parts) -> torch.Tensor:
     """Raw HWC uint8 images: each part's rows gathered straight into the batch, one `index_select` out
-    of a view of every SAMPLE_BYTES-long run of its buffer (`unfold`, no copy). Measured here on one
-    core, a batch of 256 drawn from 6 shards: ~0.5 us/img, where numpy's `sliding_window_view` (a
-    Python function, per part) and a gather then a concatenation cost ~1.0."""
+    of a view of every SAMPLE_BYTES-long run of its buffer (`unfold`, no copy); see the module
+    docstring for what it cost against numpy's `sliding_window_view` (a Python function, per part)."""
     n = sum(len(offsets) for _, offsets, _ in parts)
     batch = torch.empty((n, SAMPLE_BYTES), dtype=torch.uint8)
     start = 0
@@ -348,8 +349,9 @@ _JPG_AUTO = next(
 )
 _PNG_AUTO = _PNG_OPENCV if _installed("cv2") else _PNG_TORCHVISION
 DECODERS: dict[tuple[str, str], Decoder] = {
-    ("raw", "auto"): Decoder("numpy-gather", "NHWC", decode_raw),
-    ("raw", "numpy"): Decoder("numpy-gather", "NHWC", decode_raw),
+    ("raw", "auto"): Decoder("gather", "NHWC", decode_raw),
+    ("raw", "gather"): Decoder("gather", "NHWC", decode_raw),
+    ("raw", "numpy"): Decoder("gather", "NHWC", decode_raw),  # its former name, still accepted
     ("jpg", "auto"): _JPG_AUTO,
     ("jpg", "simplejpeg"): _JPG_SIMPLEJPEG,
     ("jpg", "opencv"): _JPG_OPENCV,

@@ -121,7 +121,8 @@ looking the crop and flip up by id costs ~5 us a batch less than drawing them: ~
 
 Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from a command line):
 `verify` (bool, default true), `shuffle_buffer` (samples, >= 0), `decode` (by encoding: raw auto |
-numpy; jpg auto | simplejpeg | opencv | torchvision | pil; png auto | opencv | torchvision | pil),
+gather | numpy (its former name); jpg auto | simplejpeg | opencv | torchvision | pil; png auto |
+opencv | torchvision | pil),
 `prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0; see below), `net` (a
 feedrate.network preset name: the link to plan prefetching for), `augment_at` (auto | reader | device),
 `keys` (bool: also carry sample keys, for `iter_keyed()`, the tests' exactly-once check), `skip_bad`

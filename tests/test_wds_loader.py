@@ -240,7 +240,7 @@ def test_undecodable_image_names_shard_and_key(png_copy: Path) -> None:
     ("options", "message"),
     [
         ({"colour": 1}, r"unknown wds option 'colour'; accepted: augment_at, decode, keys"),
-        ({"decode": "pil"}, r"decode='pil' for raw shards; accepted: auto, numpy"),
+        ({"decode": "pil"}, r"decode='pil' for raw shards; accepted: auto, gather, numpy"),
         ({"shuffle_buffer": -1}, r"shuffle_buffer=-1; accepted: an integer >= 0"),
         ({"verify": "maybe"}, r"verify='maybe'; accepted: true, false"),
         ({"augment_at": "gpu"}, r"augment_at='gpu'; accepted: auto, reader, device"),
