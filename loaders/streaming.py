@@ -139,9 +139,12 @@ epoch boundary, local or remote: once the last shard of an epoch is on its way, 
 next one are read too -- as many as the depth, and at least those its shuffle buffer needs before its
 first draw (two shards of 2,500 at the default buffer) -- so an epoch does not open with every reader
 reading and hashing its first shards (measured on the bench's raw shards, 2 readers, 5 epochs of
-20,000, on a shared machine: the first batch of an epoch came 82-127 ms after `iter()` without, 15-22
-ms with). Not with `skip_bad`, whose skips are counted in the epoch that loads them, nor with
-`cache_dir` (a cached copy damaged between epochs is found in the next epoch, not one later).
+20,000, 3 runs each way alternated on a quiet machine: the first batch of an epoch came 71-81 ms after
+`iter()` without, 19-23 ms with; epochs read 69-71k against 77-80k img/s). A shard read ahead is
+verified then: a change made to it afterwards is seen in the epoch after next, not the next one. Not
+with `skip_bad`, whose skips are counted in the epoch that loads them, nor with `cache_dir`: a reader
+reading ahead a shard that another reader is still fetching into the cache would miss the cache and
+fetch it again (measured: 4 GETs in a first epoch of 2 shards, not 2).
 Stage times (`stage_times()`, the loaders.stagetimes contract; cumulative, summed over the readers):
 - `storage`: a reader's wait for a shard's bytes (wall), and the fetch threads' CPU seconds reading,
   hashing and checking them, retries and backoff included (the fetch runs in the reader's pool, ahead:
@@ -341,9 +344,10 @@ class _ReaderState:
             max_workers=network.MAX_DEPTH if self.adaptive else self.depth, thread_name_prefix="wds-fetch"
         )
         self.skips = SkipLog("wds") if spec.options.skip_bad else None
-        # Reading ahead into the next epoch (module docstring), from local disk too: a verified local
-        # shard of 11.5 MB costs ~10 ms of sha256. Not when skipping bad samples (a skip is counted in
-        # the epoch that loads its shard), nor with a cache directory.
+        # Reading ahead into the next epoch (module docstring), from local disk too: a verified shard
+        # of 11.5 MB costs ~10 ms of sha256. Not when skipping bad samples (a skip is counted in the
+        # epoch that loads its shard), nor with a cache directory (a shard another reader is still
+        # caching would be fetched twice).
         self.read_ahead = (
             spec.options.read_ahead and spec.train and not spec.options.skip_bad and spec.cache_dir is None
         )

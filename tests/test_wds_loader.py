@@ -363,3 +363,19 @@ def test_workers_are_threads_that_leave_the_consumer_alone(coded: dict[int, Path
         assert torch.get_num_threads() == before, "readers set their own torch thread count, not ours"
         assert Counter(epoch(loader, 1)[0]) == Counter(all_keys()), "the abandoned pass stopped first"
     assert not [t for t in threading.enumerate() if t.name.startswith("wds-reader")], "close() stops them"
+
+
+def test_local_read_ahead_reads_only_the_next_epochs_first_units(tmp_path: Path) -> None:
+    """Reading ahead from local disk (on by default): each epoch reads every shard once, and what it
+    reads early of the next epoch is at most the units each reader's buffer needs before its first draw
+    (buffer 8 + batch 4 = 12 samples: 2 units of 10 per reader), never a whole epoch more."""
+    data = build_coded(tmp_path / "ds", "raw", shard_size=10, train=80)
+    for read_ahead in (True, False):
+        options = {"keys": True, "shuffle_buffer": 8, "read_ahead": read_ahead}
+        with WdsLoader(config(data, workers=2, options=options)) as loader:
+            before = loader.stats()["requests"]  # the index reads made when it was built
+            for e in range(3):
+                assert Counter(epoch(loader, e)[0]) == Counter(all_keys(80))
+                reads = loader.stats()["requests"] - before
+                early = 2 * 2 if read_ahead else 0
+                assert 8 * (e + 1) <= reads <= 8 * (e + 1) + early, (read_ahead, e, reads)
