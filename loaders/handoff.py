@@ -13,8 +13,8 @@ threads are scheduled.
 
 Each reader thread runs with one torch intra-op thread (`torch.set_num_threads` is a per-thread setting;
 the consumer's own count is left as it was), so N readers use N cores and do not oversubscribe the
-cores the model needs. But torch 2.14 takes the last count set, in any thread, as the count of a thread
-that has not run a parallel op yet: a reader's `set_num_threads(1)` before the consumer's first op left
+cores the model needs. But torch (observed with 2.14) takes the last count set, in any thread, as the
+count of a thread that has not run a parallel op yet: a reader's `set_num_threads(1)` before the consumer's first op left
 the consumer (the training loop) at one thread. So the consumer's count is read (which fixes it for its
 thread) before the readers start.
 

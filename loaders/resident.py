@@ -517,7 +517,7 @@ class TensorLoader:
     def _prefetched(
         self, ids: np.ndarray, batches: int, fill: Callable[[Slot, int], None]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from `max(1, workers)` preparation threads (`Prefetch`), or with workers=0
+        """The epoch's batches from `workers` preparation threads (`Prefetch`), or with workers=0
         prepared in this thread (`Inline`); a slot goes back when the batch two after it is taken (see the
         module docstring), and the threads stop when this generator ends in any way."""
         workers = self.cfg.workers
