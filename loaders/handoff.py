@@ -14,9 +14,9 @@ threads are scheduled.
 Each reader thread runs with one torch intra-op thread (`torch.set_num_threads` is a per-thread setting;
 the consumer's own count is left as it was), so N readers use N cores and do not oversubscribe the
 cores the model needs. But torch (observed with 2.14) takes the last count set, in any thread, as the
-count of a thread that has not run a parallel op yet: a reader's `set_num_threads(1)` before the consumer's first op left
-the consumer (the training loop) at one thread. So the consumer's count is read (which fixes it for its
-thread) before the readers start.
+count of a thread that has not run a parallel op yet: a reader's `set_num_threads(1)` before the
+consumer's first op left the consumer (the training loop) at one thread. So the consumer's count is read
+(which fixes it for its thread) before the readers start.
 
 Hand-off time (the `queue` stage, loaders.stagetimes): with a `StageTimes`, the consumer counts each
 `get_nowait()` of a batch already waiting in its reader's queue; when the batch is not there yet it waits
