@@ -59,10 +59,19 @@ batch 156 -> 8.5 ms, 40.6k -> 46.1k img/s, CPU per image within noise (34.4 and 
 the peak RSS of a process reading 6 raw epochs 788-797 -> 874-904 MiB (3 processes each; 16 epochs:
 823 -> 912 MiB, the anonymous memory ~55 MiB higher from the third epoch on and flat after it, not
 growing). DALI's `Pipeline.build` holds the GIL throughout (~30 ms here: a Python thread beside it
-stalls as long), so the build is not hidden from a consumer running Python; the fill is. Starting the
-build only as the last batch is handed out (the ended pipeline released first: never two) kept the
-RSS but ran worse in an earlier run (raw: 57.8k img/s and 53 ms to the first batch, against 70.8k
-and 20 ms starting early and 62.6k and 93 ms in place).
+stalls as long), so the build is not hidden from a consumer running Python; the fill is. At CIFAR-10's
+50,000 raw samples (4 epochs, batch 256, 2 threads; 3 alternating processes each, the peak of /proc's
+VmRSS, ru_maxrss the same) the peak RSS is 942-952 MiB in place and 1048-1066 MiB built ahead, all of
+the difference anonymous (425-435 -> 531-549 MiB; the file-backed part, libraries and the mapped tars,
+517 MiB in both): about what it is at 20,000, not in proportion to the dataset. Such a process is
+above DESIGN's ~0.9 GB without the build ahead too. Starting the build only as the last batch is
+handed out, the ended pipeline released first (`_ahead_at = 0`: never two), kept 958-988 MiB but
+gives the fill no time: the first batch of an epoch 156-222 ms (median 164) against 13-60 (54) built
+early, 34.9k-43.2k img/s against 29.9k-51.5k (3 rounds each, a busy shared machine; an earlier run:
+raw 57.8k img/s and 53 ms against 70.8k and 20 ms starting early and 62.6k and 93 ms in place), so
+it is not the default. After the last epoch a loader has built and filled a pipeline that nothing
+reads, held until close(): at 50,000 raw samples 100-150 ms of the build thread's CPU (113-322 ms
+wall), its reader's fill on DALI's threads besides, and the ~100 MiB above.
 
 A pipeline runs no further than its epoch: DALI's iterator schedules a run for every batch it hands
 out, so past the end its reader went on into a second epoch (`prefetch` batches, and the shuffle
@@ -71,7 +80,11 @@ off). That is no great cost by itself (whole raw epochs with and without those r
 included, 6 rounds of 6 alternating: 35.5 and 34.4 CPU us per image, inside their 30-40 spread on the
 shared machine), but it would compete with the fill of the pipeline built ahead. A pipeline read to
 its end is released then, when one built ahead is to take over: an evaluation loader keeps one
-pipeline, not two, through the training epoch between its epochs.
+pipeline, not two, through the training epoch between its epochs. The build thread releases it
+(`_Ahead.retire`: the loader hands it over and keeps no reference), since DALI joins the pipeline's
+threads as it goes: 28-64 ms wall and 14-21 ms CPU each (20,000 raw samples, 5 epochs, the shared
+machine) that were the consumer's before the epoch's last batch, in no stage; on the build thread
+17-30 ms wall and 16-26 ms CPU (50,000: 20-31 and 18-28), counted under decode with the build.
 
 Checkpoints (`state_dict()` / `load_state_dict()`, the contract of loaders.resume):
 - ids: every batch's sample ids come from its label rows (loaders.dali_state: the label component
@@ -122,19 +135,28 @@ NVTX ranges for an external profiler (Nsight Systems). So:
 - `decode` is the span the consumer spends getting the next batch out of DALI (`DALIGenericIterator`'s
   `next`, the copy of DALI's outputs into torch tensors included) plus building a pipeline (whose
   `read_ahead` reads the shards in). A pipeline built ahead counts its thread's wall and CPU seconds
-  (`time.thread_time`; releasing the ended pipeline, when that thread does it, included) as a
-  reader's, off the consumer's path; the consumer's spans that overlap that build leave the thread's
-  CPU out (read through its thread clock, `time.pthread_getcpuclockid`), so nothing is counted twice,
-  and waiting for a build that has not finished is the consumer's. The reader's first fill now runs
-  on DALI's threads ahead of the consumer, in neither figure (decode CPU per image, A/B as in the
-  build-ahead figures above: raw 9.2 -> 7.0 us, jpg 35.4 -> 32.9). It includes reading the shards:
+  (`time.thread_time`; releasing the ended pipeline, which that thread does, included) as a
+  reader's, off the consumer's path; the consumer's spans that overlap that thread leave its CPU out
+  (read through its thread clock, `time.pthread_getcpuclockid`), so it is counted once. Waiting for a
+  build that has not finished is the consumer's, and the thread's wall counts only beyond that wait.
+  The new pipeline's reader fills on DALI's threads while the ending epoch's last batches are read:
+  its CPU lands in those spans of the consumer's (the process's CPU), or in no stage when it runs
+  while the consumer augments -- not in the epoch it serves. So decode's CPU per image with the build
+  ahead (A/B as in the build-ahead figures above: raw 9.2 -> 7.0 us, jpg 35.4 -> 32.9) fell because
+  work moved out of its view, not because it was saved: the process's CPU per image stayed within
+  noise. It includes reading the shards:
   storage and decode are merged,
   and `storage` is absent ("not separable"). On a GPU it also holds the augmentation and the images'
   copy to the device, which stay inside DALI there. Its CPU seconds are the process's
   (`time.process_time()`) over the span, so DALI's threads working in it count; DALI's work done ahead
   while the consumer is elsewhere (the step, the CPU augmentation) is in neither figure: they are what
   the consumer waits for, a lower bound of DALI's own busy time, and one reader's seconds (the wait on
-  all of DALI's threads at once), not a sum over them.
+  all of DALI's threads at once), not a sum over them. Two dali loaders in one process (train.py's
+  training and evaluation loaders) overlap: a span leaves out only its own loader's build thread, so
+  DALI's threads working for the other loader count in it too -- the training loader's next pipeline
+  filling while the evaluation epoch runs lands in the evaluation loader's decode CPU, and the
+  reverse. DALI does not say which native threads are whose pipeline's, so there is no cheap exact
+  split; their decode CPU seconds are an upper bound each, not to be summed.
 - `augment` (the CPU path only): the sample ids and label parsing (`SampleTable.ids`, `label_rows`,
   batching work) and the torch crop, flip and normalisation, on the consumer's thread
   (`time.thread_time()`). On a GPU it is absent: merged into `decode`, and the ids and label parsing
@@ -517,7 +539,7 @@ class _Ahead:
     `make(plan)` returns (pipeline, iterator) or raises; its error is kept for the consumer to raise
     (DaliLoader._take_ahead). `retire(box)` hands the thread a list holding the ended pipeline and its
     iterator: the thread empties it, so the last references drop there (when the caller keeps no other
-    reference to them), not on the consumer's path -- the release costs 28-64 ms wall and 14-21 ms CPU
+    reference to them), not on the consumer's path -- the release costs 17-64 ms wall and 14-26 ms CPU
     (20,000 raw samples, 5 epochs, the shared 2-core machine), as DALI joins the pipeline's threads. A
     box given at construction is emptied before the build (the ended pipeline let go before the next
     one reads ahead). The thread lives until `join()`, waiting for a box; `wall` is its build's and
