@@ -7,6 +7,8 @@ Imported as `tests.helpers` everywhere, so that one module object (and one pytes
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +76,14 @@ def epoch(loader: WdsLoader, e: int = 0) -> tuple[list[str], list[torch.Tensor],
         images.append(x)
         labels.append(y)
     return keys, images, labels
+
+
+def fresh_process_output(code: str) -> list[str]:
+    """What `code` prints, split into words, run by this Python in a fresh process from the repository
+    root: for what only a process that has run nothing yet shows (torch's per-thread defaults)."""
+    root = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    return out.stdout.split()
 
 
 def all_keys(n: int = TRAIN, split: str = "train") -> set[str]:

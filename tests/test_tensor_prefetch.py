@@ -4,12 +4,9 @@ own thread (workers=0); exactly once, by seed, in one order for every N, stopped
 from __future__ import annotations
 
 import _thread
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from encoded import decode_identity
 from feedrate.errors import FeedrateError
 from loaders import LoaderConfig, make_loader
 from loaders.resident import AHEAD, HELD, THREAD_NAME, Slot
+from tests.helpers import fresh_process_output
 
 
 def _threads() -> list[threading.Thread]:
@@ -307,11 +305,4 @@ def test_the_consumers_torch_threads_are_its_own() -> None:
     """The threads' set_num_threads(1) must not become the consumer's count: torch keeps the last count
     set as the default of any thread that has not run a parallel op yet, the consumer's included. A fresh
     process, so the consumer has not."""
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parents[1],
-    )
-    assert out.stdout.split() == ["2"], out
+    assert fresh_process_output(PROBE) == ["2"]

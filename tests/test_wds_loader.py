@@ -21,7 +21,7 @@ from loaders.handoff import ReaderThreads
 from loaders.partition import Unit, cut, rank_units, reader_units, shard_order
 from loaders.shards import open_dataset
 from loaders.streaming import WdsLoader
-from tests.helpers import TRAIN, all_keys, build_coded, config, epoch
+from tests.helpers import TRAIN, all_keys, build_coded, config, epoch, fresh_process_output
 
 
 @pytest.fixture(scope="module")
@@ -342,17 +342,7 @@ def test_readers_leave_a_fresh_consumers_torch_threads_alone() -> None:
     """torch takes the last thread count set anywhere as the count of a thread that has not run a
     parallel op yet: without the consumer's count fixed first, a reader's set_num_threads(1) became the
     training loop's. A fresh process, so the consumer has run no op."""
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", FRESH_CONSUMER],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=Path(__file__).parents[1],
-    )
-    assert out.stdout.split() == ["[1,", "2,", "3]", "2"], out
+    assert fresh_process_output(FRESH_CONSUMER) == ["[1,", "2,", "3]", "2"]
 
 
 def test_workers_are_threads_that_leave_the_consumer_alone(coded: dict[int, Path]) -> None:
