@@ -80,8 +80,10 @@ off). That is no great cost by itself (whole raw epochs with and without those r
 included, 6 rounds of 6 alternating: 35.5 and 34.4 CPU us per image, inside their 30-40 spread on the
 shared machine), but it would compete with the fill of the pipeline built ahead. A pipeline read to
 its end is released then, when one built ahead is to take over: an evaluation loader keeps one
-pipeline, not two, through the training epoch between its epochs. The build thread releases it
-(`_Ahead.retire`: the loader hands it over and keeps no reference), since DALI joins the pipeline's
+pipeline, not two, through the training epoch between its epochs. The build thread releases it, or
+a short thread of its own once the build thread has ended (`_Ahead.retire`: the loader hands it over
+and keeps no reference; no thread ever waits for one, so a loader dropped without close() leaves no
+thread behind -- the full test suite ran out of memory when one did), since DALI joins the pipeline's
 threads as it goes: 28-64 ms wall and 14-21 ms CPU each (20,000 raw samples, 5 epochs, the shared
 machine) that were the consumer's before the epoch's last batch, in no stage; on the build thread
 17-30 ms wall and 16-26 ms CPU (50,000: 20-31 and 18-28), counted under decode with the build.
@@ -534,7 +536,7 @@ EXACT_KEYS = ("spec", "read", "yielded", "ids", "dali", "basis")
 
 class _Ahead:
     """The next epoch's pipeline, built and started in a thread of its own while this epoch ends; the
-    same thread then releases the ended epoch's pipeline.
+    ended epoch's pipeline is released off the consumer's thread too.
 
     `make(plan)` returns (pipeline, iterator) or raises; its error is kept for the consumer to raise
     (DaliLoader._take_ahead). `retire(box)` hands the thread a list holding the ended pipeline and its
@@ -542,16 +544,19 @@ class _Ahead:
     reference to them), not on the consumer's path -- the release costs 17-64 ms wall and 14-26 ms CPU
     (20,000 raw samples, 5 epochs, the shared 2-core machine), as DALI joins the pipeline's threads. A
     box given at construction is emptied before the build (the ended pipeline let go before the next
-    one reads ahead). The thread lives until `join()`, waiting for a box; `wall` is its build's and
-    releases' seconds, not that wait. `cpu()` is the thread's own CPU seconds so far, read through its
-    thread clock, so that a span of the consumer's overlapping it can leave them out
-    (DaliLoader._dali_span). A daemon: an unclosed loader does not hold up the interpreter's exit."""
+    one reads ahead); one handed over while the thread still runs is emptied by it after the build, and
+    one handed over later by a short thread of its own (whose CPU, 14-26 ms, `cpu()` does not count).
+    `wall` is the build's and the releases' seconds. `cpu()` is the build thread's own CPU seconds so
+    far, read through its thread clock, so that a span of the consumer's overlapping it can leave them
+    out (DaliLoader._dali_span). A daemon, that never waits for a box: an unclosed loader neither holds
+    up the interpreter's exit nor keeps a thread (and through it the loader and its pipelines) alive."""
 
     def __init__(
         self, plan: _Plan, make: Callable[[_Plan], tuple[Any, Any]], retire: list[Any] | None = None
     ) -> None:
         self.plan = plan
-        self._boxes: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
+        self._boxes: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+        self._releases: list[threading.Thread] = []  # boxes handed over once the build thread ended
         if retire is not None:
             self._boxes.put(retire)
         self.pipe: Any = None
@@ -572,8 +577,8 @@ class _Ahead:
         with self._lock:
             self._clock = time.pthread_getcpuclockid(threading.get_ident())
         try:
-            if not self._boxes.empty():  # given at construction: before the build
-                self._empty(self._boxes.get())
+            if (box := self._next_box(last=False)) is not None:  # given at construction: before the build
+                self._empty(box)
             start = time.perf_counter()
             try:
                 self.pipe, self.iterator = make(self.plan)
@@ -581,12 +586,30 @@ class _Ahead:
                 self.error = exc
             finally:
                 self.wall += time.perf_counter() - start
-            while (box := self._boxes.get()) is not None:
+            while (box := self._next_box(last=True)) is not None:  # handed over during the build
                 self._empty(box)
         finally:
-            with self._lock:  # the thread's clock is read under the lock only while it runs
-                self._cpu = time.thread_time()
-                self._done = True
+            self._finish()
+
+    def _next_box(self, last: bool) -> list[Any] | None:
+        """A box waiting to be emptied, else None; `last`: none is waiting, so the thread ends now (in
+        the same step, under the lock: a box handed over later goes to a thread of its own)."""
+        with self._lock:
+            try:
+                return self._boxes.get_nowait()
+            except queue.Empty:
+                if last:
+                    self._finish_locked()
+                return None
+
+    def _finish(self) -> None:
+        with self._lock:
+            if not self._done:
+                self._finish_locked()
+
+    def _finish_locked(self) -> None:
+        self._cpu = time.thread_time()  # the thread's clock is read under the lock only while it runs
+        self._done = True
 
     def _empty(self, box: list[Any]) -> None:
         start = time.perf_counter()
@@ -595,8 +618,16 @@ class _Ahead:
         self.released += 1
 
     def retire(self, box: list[Any]) -> None:
-        """Have the thread empty `box` (the ended pipeline and its iterator) after the build."""
-        self._boxes.put(box)
+        """Have `box` (the ended pipeline and its iterator) emptied off the caller's thread: by the build
+        thread if it is still running, else by a short thread of its own (the build thread never waits
+        for a box: a loader dropped without close() leaves no thread behind)."""
+        with self._lock:
+            if not self._done:
+                self._boxes.put(box)
+                return
+        release = threading.Thread(target=self._empty, args=(box,), name=self._thread.name, daemon=True)
+        self._releases.append(release)
+        release.start()
 
     def cpu(self) -> float:
         """The build thread's CPU seconds so far (all of them once it is done)."""
@@ -606,9 +637,10 @@ class _Ahead:
             return time.clock_gettime(self._clock)
 
     def join(self) -> None:
-        """Wait for the build and the releases handed over so far; the thread then ends."""
-        self._boxes.put(None)
+        """Wait for the build and the releases handed over so far."""
         self._thread.join()
+        for release in self._releases:
+            release.join()
 
     def release(self) -> None:
         """Wait for the thread to end and let go of its pipeline."""

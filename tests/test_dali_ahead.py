@@ -282,3 +282,22 @@ def test_the_build_ahead_counts_under_decode_once(raw: Path) -> None:
     assert sum(a["cpu"].values()) + sum(b["cpu"].values()) <= spent
     assert np.isfinite(list(a["cpu"].values())).all()
     assert a["cpu"]["decode"] <= 1.5 * b["cpu"]["decode"] + 0.02
+
+
+@needs_dali
+def test_a_loader_dropped_without_close_leaves_no_build_thread(raw: Path) -> None:
+    """A loader nobody closes (an exception escaping the training loop, a test that forgets): its build
+    thread must end once its build is done, not wait for a pipeline to release. A thread that waited
+    kept the loader and its pipelines alive, and the whole test suite ran out of memory."""
+    import gc
+
+    loader = dali(raw)
+    take(loader, epoch=1)  # read to its end: epoch 2's pipeline is built ahead
+    assert loader._ahead is not None
+    thread = loader._ahead._thread
+    ref = weakref.ref(loader)
+    del loader
+    thread.join(30)
+    assert not thread.is_alive(), "the build thread outlived its build"
+    gc.collect()
+    assert ref() is None, "something still holds the loader"
