@@ -43,6 +43,18 @@ from loaders.stagetimes import StageTimes
 POLL_S = 0.05  # how often a reader blocked on a full queue looks whether it was told to stop
 
 
+def keep_consumer_threads() -> None:
+    """Fix the calling (consuming) thread's torch intra-op count before threads it starts set theirs to
+    one (`worker_torch_threads`): reading it is what fixes it (see the module docstring)."""
+    torch.get_num_threads()
+
+
+def worker_torch_threads() -> None:
+    """One torch intra-op thread for the calling worker thread (a per-thread setting): N workers, N
+    cores, none taken from the model's."""
+    torch.set_num_threads(1)
+
+
 @dataclass(frozen=True)
 class Failed:
     """A reader's last message when its work raised: the consumer re-raises `error` itself."""
@@ -61,7 +73,7 @@ class ReaderThreads:
         name: str = "reader",
         stages: StageTimes | None = None,
     ) -> None:
-        torch.get_num_threads()  # fixes the consumer's intra-op count before a reader sets its own
+        keep_consumer_threads()
         self._stop = threading.Event()
         self._stages = stages
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in jobs]
@@ -82,7 +94,7 @@ class ReaderThreads:
         return False
 
     def _run(self, job: Callable[[], Iterator[Any]], q: queue.Queue) -> None:
-        torch.set_num_threads(1)  # this thread's intra-op pool only (see the module docstring)
+        worker_torch_threads()
         messages = None
         try:
             messages = job()

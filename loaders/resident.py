@@ -85,6 +85,7 @@ from feedrate.errors import FeedrateError
 from loaders.augment import EpochDraws
 from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
 from loaders.batches import SplitOrder, load_split
+from loaders.handoff import keep_consumer_threads, worker_torch_threads
 from loaders.options import BATCH_READER_OPTIONS, parse_options
 from loaders.shards import dataset_key, open_dataset
 from loaders.stagetimes import STAGES, Snapshot, StageTimes
@@ -162,11 +163,9 @@ class Prefetch:
     `new_slot` (N * ahead + HELD of them: every thread can hold `ahead` while the consumer holds HELD,
     so none ever waits for a slot the others hold); `give_back` returns one the consumer no longer uses.
 
-    Each thread runs torch with one intra-op thread (`torch.set_num_threads` is per thread), so N
-    threads use N cores. torch keeps the last count set as the default of every thread that has not yet
-    run a parallel op -- the consumer's too, which would silently drop to one (seen here with torch
-    2.14: a thread's `set_num_threads(1)` before the main thread's first op left the main thread at
-    1). So the consumer's own count is read (and thereby fixed for its thread) before any thread starts.
+    Each thread runs torch with one intra-op thread, so N threads use N cores, and the consumer's own
+    count is fixed before any of them starts (loaders.handoff: keep_consumer_threads,
+    worker_torch_threads, and why).
     """
 
     def __init__(
@@ -190,7 +189,7 @@ class Prefetch:
         for _ in range(threads * ahead + HELD):
             self._free.put(new_slot())
         self._stop = threading.Event()
-        torch.get_num_threads()  # fixes the consumer's intra-op count before a thread sets its own
+        keep_consumer_threads()
         self._lanes = [
             Lane(
                 threading.Semaphore(ahead),
@@ -207,7 +206,7 @@ class Prefetch:
             raise
 
     def _run(self, first: int, step: int) -> None:
-        torch.set_num_threads(1)  # this thread's intra-op pool only (see the class docstring)
+        worker_torch_threads()
         lane = self._lanes[first]
         try:
             for k in range(first, self._batches, step):
