@@ -563,7 +563,6 @@ class _Ahead:
         self.iterator: Any = None
         self.error: Exception | None = None
         self.wall = 0.0
-        self.released = 0  # boxes emptied (the tests')
         self._lock = threading.Lock()
         self._clock: int | None = None
         self._cpu = 0.0
@@ -615,7 +614,6 @@ class _Ahead:
         start = time.perf_counter()
         box.clear()  # the last references: the pipeline is destroyed here
         self.wall += time.perf_counter() - start
-        self.released += 1
 
     def retire(self, box: list[Any]) -> None:
         """Have `box` (the ended pipeline and its iterator) emptied off the caller's thread: by the build
