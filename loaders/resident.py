@@ -13,8 +13,9 @@ training set). A crop is 32 runs of 32 pixels (96 contiguous bytes) of that canv
 is the same in the mirrored half, so one `index_select` of a batch's n*32 row starts, out of a
 sliding-window view of the canvas's bytes (`unfold`, no copy), gathers the batch's crops. On one CPU
 core that is 0.65 us per image, where picking single pixels out of a 6-d view of every crop window
-cost 4.4-5.3 (the idea is loaders.augment's, for batches that are not resident). The float conversion,
-transposing to NCHW on the way, and the normalisation follow in chunks that stay in cache.
+cost 4.4-5.3 (the idea is loaders.augment's, for batches that are not resident). The float conversion
+and the normalisation follow (`loaders.augment.normalize`, into the slot): batches are NCHW in
+channels_last memory, as the crops' bytes lie.
 
 Order, augmentation and resume (loaders.resume's contract):
 - the epoch's order is `loaders.batches.SplitOrder`'s: one permutation of the split from (seed, epoch),
@@ -82,8 +83,8 @@ import numpy as np
 import torch
 
 from feedrate.errors import FeedrateError
-from loaders.augment import EpochDraws
-from loaders.base import CIFAR10_MEAN, CIFAR10_STD, CROP_PADDING, Download, LoaderConfig, batches_for
+from loaders.augment import EpochDraws, normalize
+from loaders.base import CROP_PADDING, Download, LoaderConfig, batches_for
 from loaders.batches import SplitOrder, load_split
 from loaders.handoff import keep_consumer_threads, worker_torch_threads
 from loaders.options import BATCH_READER_OPTIONS, parse_options
@@ -97,9 +98,6 @@ AHEAD = 2
 # The consumer holds up to two buffers at once: the batch it asked for, and the one before, still bound
 # to the caller's loop variable while `next()` runs.
 HELD = 2
-# Images per float conversion and normalisation pass on the CPU: a 384 KB float chunk the multiply and
-# the add find still in cache.
-NORMALIZE_CHUNK = 32
 POLL_S = 0.1  # how often a waiting side looks whether the other has stopped
 
 
@@ -356,14 +354,7 @@ class TensorLoader:
             self._image_shape = (h, w, c)
             del images
         else:
-            self._images = images.permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
-        # x * scale + shift == (x / 255 - mean) / std, per channel
-        self._scale = torch.tensor([1.0 / (255.0 * s) for s in CIFAR10_STD], device=self.device).view(
-            1, 3, 1, 1
-        )
-        self._shift = torch.tensor(
-            [-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD, strict=True)], device=self.device
-        ).view(1, 3, 1, 1)
+            self._images = images  # (N, 32, 32, 3): batches of it are NCHW in channels_last memory
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.downloads: list[Download] = arrays.downloads
@@ -455,8 +446,9 @@ class TensorLoader:
 
     def _new_slot(self) -> Slot:
         bs = self.cfg.batch_size
+        shape, cl = (bs, 3, 32, 32), torch.channels_last  # as normalize writes a batch of NHWC memory
         return Slot(
-            torch.empty((bs, 3, 32, 32), dtype=torch.float32, device=self.device),
+            torch.empty(shape, dtype=torch.float32, device=self.device, memory_format=cl),
             torch.empty(bs, dtype=self.labels.dtype, device=self.device),
         )
 
@@ -471,16 +463,13 @@ class TensorLoader:
             n = slot.n = len(idx)
             if crop_starts is None:
                 assert self._images is not None, "__iter__ checks that the loader is open"
-                crops = self._images[idx]  # (n, C, H, W) uint8
+                crops = self._images[idx].permute(0, 3, 1, 2)  # (n, C, H, W) uint8, NHWC memory
             else:
                 assert self._rows is not None, "__iter__ checks that the loader is open"
                 first = crop_starts.index_select(0, idx)  # where each crop's row 0 starts
                 starts = (first[:, None] + self._row_offsets[None, :]).view(-1)
                 crops = self._rows.index_select(0, starts).view(n, *self._image_shape).permute(0, 3, 1, 2)
-            step = n if self.device.type == "cuda" else NORMALIZE_CHUNK
-            for start in range(0, n, step):  # to float32 NCHW, then normalised, a chunk at a time
-                chunk = slot.images[start : min(start + step, n)]
-                chunk.copy_(crops[start : start + step]).mul_(self._scale).add_(self._shift)
+            normalize(crops, "NCHW", out=slot.images[:n])  # float32, normalised, into the slot
             torch.index_select(self.labels, 0, idx, out=slot.labels[:n])
 
         return fill

@@ -53,7 +53,37 @@ def test_same_generator_seed_same_augmentation() -> None:
     b = augment(images, torch.Generator().manual_seed(5), "NHWC")
     c = augment(images, torch.Generator().manual_seed(6), "NHWC")
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.shape == (48, 3, 32, 32) and a.dtype == torch.float32 and a.is_contiguous()
+    assert a.shape == (48, 3, 32, 32) and a.dtype == torch.float32
+    assert a.is_contiguous(memory_format=torch.channels_last)  # an NHWC batch's bytes stay where they lie
+
+
+def test_normalize_keeps_the_memory_layout_and_the_values() -> None:
+    images = batch(40)
+    nchw = images.permute(0, 3, 1, 2).contiguous()
+    plain = normalize(nchw, "NCHW")
+    assert plain.is_contiguous()
+    for last in (normalize(images, "NHWC"), normalize(images.permute(0, 3, 1, 2), "NCHW")):
+        assert last.is_contiguous(memory_format=torch.channels_last) and not last.is_contiguous()
+        assert torch.equal(last, plain)  # the same values to the bit, in either memory format
+    # a strided NHWC view (not contiguous) takes the general path and still gets every value right
+    assert torch.equal(normalize(images[::2], "NHWC"), plain[::2])
+
+
+def test_normalize_writes_into_a_given_buffer_and_refuses_one_that_does_not_fit() -> None:
+    images = batch(8)
+    out = torch.full((8, 3, 32, 32), float("nan")).contiguous(memory_format=torch.channels_last)
+    assert normalize(images, "NHWC", out=out) is out
+    assert torch.equal(out, normalize(images, "NHWC"))
+    part = torch.zeros((16, 3, 32, 32)).contiguous(memory_format=torch.channels_last)
+    normalize(images, "NHWC", out=part[:8])  # a slice of a larger batch buffer
+    assert torch.equal(part[:8], out) and not part[8:].any()
+    for wrong in (
+        torch.zeros((8, 3, 32, 32)),
+        torch.zeros((7, 3, 32, 32)),
+        torch.zeros((8, 3, 32, 32)).double(),
+    ):
+        with pytest.raises(FeedrateError, match=r"normalize: out is .*expected float32"):
+            normalize(images, "NHWC", out=wrong)
 
 
 def test_normalize_equals_to_tensor_and_normalize() -> None:
