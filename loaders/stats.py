@@ -1,10 +1,13 @@
 """The counters every loader reports through `stats()`, in one type.
 
 run.json's `counters` and the bench read these keys: bytes_read, requests, retries, cache_hits,
-cache_misses, skipped, verified_bytes (and, for loaders that prefetch over a network, prefetch_depth).
+cache_misses, skipped, verified_bytes, unchanged_bytes (and, for loaders that prefetch over a network,
+prefetch_depth).
 `verified_bytes` counts the shard and batch-file bytes that were checked against the manifest's sha256
 before use: next to `bytes_read` it shows a run that opted out of verification (`verify=false`), and it
-adds up across readers and ranks like the other counters. Reads of a local
+adds up across readers and ranks like the other counters. `unchanged_bytes`: local shard bytes read
+again, not hashed again, because the file was unchanged since it was (loaders.shards.LocalVerdicts);
+verified plus unchanged is every shard byte read under `verify`. Reads of a local
 dataset in place are counted too (`local_bytes`, `local_files`), so a local and a remote run of one
 loader show the same volume of data. A loader whose readers run in other processes sums their
 `LoaderStats` with `+`.
@@ -30,6 +33,7 @@ class LoaderStats:
     cache_misses: int = 0
     skipped: int = 0
     verified_bytes: int = 0
+    unchanged_bytes: int = 0
     prefetch_depth: int | None = None  # readers' prefetch depths summed; None: the loader does not prefetch
 
     @classmethod
@@ -42,6 +46,7 @@ class LoaderStats:
         local_files: int = 0,
         skipped: int = 0,
         verified_bytes: int = 0,
+        unchanged_bytes: int = 0,
         prefetch_depth: int | None = None,
     ) -> LoaderStats:
         """From a store's `Counters`, a `ShardCache` (or None), and what was read in place."""
@@ -53,6 +58,7 @@ class LoaderStats:
             cache_misses=cache.misses if cache is not None else 0,
             skipped=skipped,
             verified_bytes=verified_bytes,
+            unchanged_bytes=unchanged_bytes,
             prefetch_depth=prefetch_depth,
         )
 
@@ -70,6 +76,7 @@ class LoaderStats:
             cache_misses=self.cache_misses + other.cache_misses,
             skipped=self.skipped + other.skipped,
             verified_bytes=self.verified_bytes + other.verified_bytes,
+            unchanged_bytes=self.unchanged_bytes + other.unchanged_bytes,
             prefetch_depth=depth,
         )
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import struct
 import tarfile
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -36,6 +38,7 @@ from loaders import LoaderConfig, make_loader, streaming
 from loaders.dali_pipe import DaliError, label_rows
 from loaders.dali_pipe import parse_labels as dali_parse_labels
 from loaders.decode import MAX_LABEL_DIGITS, parse_labels
+from loaders.shards import LocalVerdicts, ShardFetcher, open_dataset
 from loaders.streaming import WdsLoader
 from tests.helpers import TRAIN, all_keys, build_coded, config, epoch, needs_dali
 from training.timing import Clock
@@ -99,6 +102,87 @@ def test_a_local_shard_flipped_is_an_error_by_default(tmp_path: Path) -> None:
     with WdsLoader(config(root, workers=2)) as loader, pytest.raises(ShardError) as caught:
         epoch(loader)
     assert str(caught.value).startswith(f"{shard} is corrupt: sha256")
+
+
+def aged(root: Path) -> Path:
+    """Backdate every file of `root` past LocalVerdicts.RACY_NS (a file written in the last second is
+    hashed on every read, as git re-checks its racy entries); its ctime stays now, which is why the
+    tests that need trusted files also set RACY_NS to 0."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(time.time_ns() - 10**10, time.time_ns() - 10**10))
+    return root
+
+
+@pytest.fixture
+def no_racy_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LocalVerdicts, "RACY_NS", 0)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_local_shard_unchanged_since_it_was_hashed_is_not_hashed_again(
+    workers: int, tmp_path: Path, no_racy_window: None
+) -> None:
+    root = aged(build_coded(tmp_path / "ds", "raw", shard_size=10))
+    with WdsLoader(config(root, workers=workers, options={"keys": True, "read_ahead": False})) as loader:
+        shard_bytes = sum(r.bytes for r in loader._fetcher.root.shards("train"))
+        first = Counter(epoch(loader, 0)[0])
+        assert loader.stats()["verified_bytes"] == shard_bytes and loader.stats()["unchanged_bytes"] == 0
+        assert Counter(epoch(loader, 1)[0]) == first == Counter(all_keys())
+        stats = loader.stats()
+        assert stats["verified_bytes"] == shard_bytes, "the second epoch hashed nothing again"
+        assert stats["unchanged_bytes"] == shard_bytes, "and counted every byte it trusted"
+
+
+def test_a_local_shard_changed_between_epochs_is_hashed_again_and_refused(
+    tmp_path: Path, no_racy_window: None
+) -> None:
+    root = aged(build_coded(tmp_path / "ds", "raw", shard_size=10))
+    shard = root / "train-000002.tar"
+    at = image_offset((root / "train-000002.idx").read_text(), shard.name, "raw", 2)
+    with WdsLoader(config(root, workers=2, options={"keys": True, "read_ahead": False})) as loader:
+        epoch(loader, 0)
+        before = shard.stat()
+        shard.write_bytes(flip_byte(shard.read_bytes(), at))  # same size,
+        os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))  # same mtime: its ctime tells
+        with pytest.raises(ShardError) as caught:
+            epoch(loader, 1)
+    assert str(caught.value).startswith(f"{shard} is corrupt: sha256")
+
+
+def test_a_local_shard_written_in_the_racy_window_is_hashed_on_every_read(tmp_path: Path) -> None:
+    root = build_coded(tmp_path / "ds", "raw", shard_size=10)  # just written: within RACY_NS
+    with WdsLoader(config(root, options={"keys": True, "read_ahead": False})) as loader:
+        shard_bytes = sum(r.bytes for r in loader._fetcher.root.shards("train"))
+        epoch(loader, 0)
+        epoch(loader, 1)
+        assert loader.stats()["verified_bytes"] == 2 * shard_bytes and loader.stats()["unchanged_bytes"] == 0
+
+
+def test_a_trusted_shard_that_changes_while_it_is_read_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_racy_window: None
+) -> None:
+    root = aged(build_coded(tmp_path / "ds", "raw", shard_size=10))
+    fetcher = ShardFetcher(open_dataset(str(root)), verdicts=LocalVerdicts())
+    ref = fetcher.root.shards("train")[1]
+    good = bytes(fetcher.read(ref))  # hashed, and trusted from now on
+    assert fetcher.verdicts is not None and fetcher.verdicts.trusted(
+        ref.name, LocalVerdicts.signature(root / ref.name)
+    )
+    shard = root / ref.name
+    at = image_offset((root / ref.index_name).read_text(), ref.name, "raw", 1)
+    real_get = fetcher._get
+
+    def get_then_replace(*args: object, **kw: object) -> bytearray:
+        data = real_get(*args, **kw)  # the trusted bytes are read; then someone writes the file
+        shard.write_bytes(flip_byte(good, at))
+        data[at] ^= 0x01  # as if the read had seen the new bytes
+        return data
+
+    monkeypatch.setattr(fetcher, "_get", get_then_replace)
+    with pytest.raises(ShardError, match="is corrupt: sha256"):
+        fetcher.read(ref)
+    assert not fetcher.verdicts.trusted(ref.name, LocalVerdicts.signature(shard)), "and is hashed next time"
 
 
 def batch_file(root: Path) -> Path:
