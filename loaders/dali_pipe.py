@@ -217,7 +217,7 @@ import torch
 
 from feedrate.errors import FeedrateError
 from loaders.augment import EpochDraws, normalize
-from loaders.base import Download, LoaderConfig, batches_for
+from loaders.base import Download, LoaderConfig, batches_for, last_epoch
 from loaders.dali_state import (
     SampleTable,
     checkpoint_position,
@@ -861,7 +861,7 @@ class DaliLoader:
         is handed to the thread to release before it builds."""
         if self._ahead_at is None or self._ahead is not None or self._active is not plan:
             return
-        if self._closed or plan.epoch != self._epoch:
+        if self._closed or plan.epoch != self._epoch or last_epoch(self.cfg, plan.epoch):
             return
         make = functools.partial(self._make, start=True)
         self._ahead = _Ahead(self._plan(plan.epoch + 1, None), make, self._handed_over() if ended else None)

@@ -187,7 +187,7 @@ from feedrate.manifest import Manifest
 from feedrate.shardformat import ShardError, ShardIndex
 from feedrate.storage import open_store
 from loaders.augment import EpochDraws, normalize
-from loaders.base import Download, LoaderConfig, batches_for
+from loaders.base import Download, LoaderConfig, batches_for, last_epoch
 from loaders.decode import DECODERS, Decoder, decode_choices
 from loaders.handoff import END, InlineReader, ReaderThreads, in_turn
 from loaders.options import choice, count, flag, net_preset, parse_options
@@ -967,7 +967,7 @@ class WdsLoader:
             self._states = [_ReaderState(spec, self._stages) for _ in range(spec.readers)]
         self._stop_readers()  # a pass abandoned earlier: its readers share the states
         following = None
-        if any(s.read_ahead for s in self._states):
+        if any(s.read_ahead for s in self._states) and not last_epoch(self.cfg, plan.epoch):
             following = plan_epoch(spec, plan.epoch + 1).readers
         jobs = [
             functools.partial(

@@ -137,6 +137,17 @@ def test_a_pipeline_built_ahead_for_another_iteration_is_discarded(raw: Path, ca
 
 
 @needs_dali
+def test_no_pipeline_is_built_ahead_past_the_last_epoch_said(raw: Path) -> None:
+    """train.py says how many epochs it reads: the last one (here epoch 1 of 2) builds nothing ahead,
+    while one that does not say keeps building (the test above)."""
+    with dali(raw, epochs=2) as loader, in_place(raw) as reference:
+        assert same(take(loader, epoch=0), take(reference, epoch=0))
+        assert loader._ahead is not None and loader._ahead.plan.epoch == 1
+        assert same(take(loader, epoch=1), take(reference, epoch=1))
+        assert loader._ahead is None and ahead_threads() == []
+
+
+@needs_dali
 def test_no_thread_or_pipeline_outlives_the_loader(raw: Path) -> None:
     with dali(raw) as warm:  # DALI's process-wide threads, started once
         take(warm, epoch=1)

@@ -355,6 +355,21 @@ def test_workers_are_threads_that_leave_the_consumer_alone(coded: dict[int, Path
     assert not [t for t in threading.enumerate() if t.name.startswith("wds-reader")], "close() stops them"
 
 
+@pytest.mark.parametrize("epochs", [None, 2])
+def test_nothing_is_read_ahead_past_the_last_epoch_said(tmp_path: Path, epochs: int | None) -> None:
+    """With `epochs` said (train.py passes --epochs), the last epoch reads no shard of the next one:
+    exactly one read per shard per epoch; unsaid, the readers read ahead as usual."""
+    data = build_coded(tmp_path / "ds", "raw", shard_size=10, train=80)
+    options = {"keys": True, "shuffle_buffer": 8}
+    with WdsLoader(config(data, workers=2, options=options, epochs=epochs)) as loader:
+        before = loader.stats()["requests"]
+        for e in range(2):
+            assert Counter(epoch(loader, e)[0]) == Counter(all_keys(80))
+        time.sleep(0.2)  # a read ahead under way has started by now
+        reads = loader.stats()["requests"] - before
+        assert reads == 16 if epochs == 2 else 16 < reads <= 16 + 2 * 2, reads
+
+
 def test_local_read_ahead_reads_only_the_next_epochs_first_units(tmp_path: Path) -> None:
     """Reading ahead from local disk (on by default): each epoch reads every shard once, and what it
     reads early of the next epoch is at most the units each reader's buffer needs before its first draw

@@ -32,6 +32,7 @@ class DataSettings(Protocol):
     loader: str
     data: str
     batch_size: int
+    epochs: int
     workers: int
     seed: int
     endpoint_url: str | None
@@ -73,6 +74,7 @@ def make_loaders(
                 cache_dir=cfg.cache_dir,
                 rank=topology.rank,
                 world_size=topology.world_size,
+                epochs=cfg.epochs,
                 options=({"skip_bad": True} if cfg.skip_bad else {})
                 | ({"net": cfg.net} if cfg.net else {})
                 | ({} if cfg.verify else {"verify": False}),
