@@ -28,7 +28,9 @@ def _templates(num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tints, angles, freqs
 
 
-def generate(n: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def generate(
+    n: int, seed: int | np.random.SeedSequence, num_classes: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     """`n` images (n, 32, 32, 3) uint8 and balanced, shuffled labels (n,) int64."""
     rng = np.random.default_rng(seed)
     labels = np.resize(np.arange(num_classes, dtype=np.int64), n)
@@ -50,13 +52,19 @@ def generate(n: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, np.n
     return images, labels
 
 
+def test_seed(seed: int) -> np.random.SeedSequence:
+    """The test split's stream of a run seeded `seed`: its own spawn key, so it is no integer seed's
+    stream (an offset seed, as before, made seed s's test split seed s + 1,000,003's training split)."""
+    return np.random.SeedSequence(seed, spawn_key=(1,))
+
+
 def make(scratch: Path, n_train: int, n_test: int, seed: int) -> CifarData:
     """Synthetic splits, also written as CIFAR python batches under `scratch` (kept by shardgen)."""
     if n_train < 1 or n_test < 1:
         raise ValueError(f"synthetic sizes must be >= 1, got train={n_train} test={n_test}")
     splits = {
         "train": generate(n_train, seed),
-        "test": generate(n_test, seed + 1_000_003),
+        "test": generate(n_test, test_seed(seed)),
     }
     batch_dir = Path(scratch) / BATCH_DIR
     write_batch_dir(batch_dir, splits, CLASS_NAMES, label="synthetic")

@@ -172,6 +172,16 @@ def test_synthetic_is_deterministic_balanced_and_learnable() -> None:
     assert (pred == yt).mean() > 0.3
 
 
+def test_synthetic_test_split_is_no_seeds_training_split(tmp_path: Path) -> None:
+    data = synthetic.make(tmp_path, 50, 50, seed=3)
+    test_x, test_y = data.splits["test"]
+    again = synthetic.generate(50, synthetic.test_seed(3))
+    np.testing.assert_array_equal(test_x, again[0])  # deterministic by seed
+    np.testing.assert_array_equal(test_y, again[1])
+    for other in (3, 3 + 1_000_003, 4):  # the old offset made seed 3's test split this seed's training split
+        assert not np.array_equal(test_x, synthetic.generate(50, other)[0])
+
+
 def test_synthetic_batches_match_arrays(tmp_path: Path) -> None:
     data = load_source("synthetic", tmp_path / "c", tmp_path / "s", synthetic_train=40, synthetic_test=12)
     splits, _ = read_batch_dir(data.batch_dir)
