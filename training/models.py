@@ -237,8 +237,13 @@ class Stepper:
         return torch.autocast("cuda", dtype=self.amp_dtype)
 
     def _forward(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        # A batch comes in either memory format (loaders.augment.normalize keeps an NHWC batch's); on
+        # CUDA it is made the model's, so `--no-channels-last` runs NCHW whatever the loader. On the CPU
+        # it is left as it is: the conversion would cost the training thread what the loader saved.
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        elif self.device.type == "cuda":
+            images = images.contiguous()
         return model(images)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
