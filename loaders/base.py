@@ -54,10 +54,10 @@ class LoaderConfig:
     rank: int = 0  # torch.distributed rank / world size: each rank gets a disjoint part
     world_size: int = 1
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific knobs
-    # The epochs the caller will read (0..epochs-1), None when it does not say: a loader that prepares
-    # the next epoch while one ends (dali builds its pipeline, wds reads its first shards) does not
-    # prepare one past the last.
-    epochs: int | None = None
+    # The highest epoch number the caller will give set_epoch (train.py: --epochs, its epochs being
+    # 1..N), None when it does not say: a loader that prepares the next epoch while one ends (dali builds
+    # its pipeline, wds reads its first shards) prepares none past this one.
+    last_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -66,15 +66,15 @@ class LoaderConfig:
             raise FeedrateError(f"batch size {self.batch_size} must be >= 1")
         if self.workers < 0:
             raise FeedrateError(f"workers {self.workers} must be >= 0")
-        if self.epochs is not None and self.epochs < 1:
-            raise FeedrateError(f"epochs {self.epochs} must be >= 1 (or None: not said)")
+        if self.last_epoch is not None and self.last_epoch < 0:
+            raise FeedrateError(f"last epoch {self.last_epoch} must be >= 0 (or None: not said)")
         if not (0 <= self.rank < self.world_size):
             raise FeedrateError(f"rank {self.rank} is outside world size {self.world_size}")
 
 
 def last_epoch(cfg: LoaderConfig, epoch: int) -> bool:
     """Whether `epoch` is the last the caller said it will read (never, when it did not say)."""
-    return cfg.epochs is not None and epoch + 1 >= cfg.epochs
+    return cfg.last_epoch is not None and epoch >= cfg.last_epoch
 
 
 @dataclass

@@ -52,7 +52,7 @@ pending); anything else (another epoch, the same one again, `load_state_dict`, `
 thread and releases its pipeline, and the right one is built in place. An error of that build is
 raised by the next iteration, as the build in place would have raised it. A checkpoint of a pipeline
 built ahead is DALI's as any other (its first runs were scheduled early, nothing else differs).
-Nothing is built past the last epoch when the caller says how many it reads (`LoaderConfig.epochs`,
+Nothing is built past the last epoch when the caller says which it is (`LoaderConfig.last_epoch`,
 train.py's `--epochs`): that build, 100-150 ms of CPU plus its reader's fill, would serve no one.
 Measured on the 2-core machine, shared with other work: 20,000 samples, batch 256, 2 threads, whole
 epochs A/B against building in place (alternating, medians): raw (6 rounds of 6 epochs) the first

@@ -138,12 +138,13 @@ def test_a_pipeline_built_ahead_for_another_iteration_is_discarded(raw: Path, ca
 
 @needs_dali
 def test_no_pipeline_is_built_ahead_past_the_last_epoch_said(raw: Path) -> None:
-    """train.py says how many epochs it reads: the last one (here epoch 1 of 2) builds nothing ahead,
-    while one that does not say keeps building (the test above)."""
-    with dali(raw, epochs=2) as loader, in_place(raw) as reference:
-        assert same(take(loader, epoch=0), take(reference, epoch=0))
-        assert loader._ahead is not None and loader._ahead.plan.epoch == 1
+    """train.py numbers its epochs 1..--epochs and says the last (LoaderConfig.last_epoch): epoch 1 of 2
+    builds epoch 2's pipeline ahead, epoch 2 builds nothing, while a loader that is not told keeps
+    building (the test above)."""
+    with dali(raw, last_epoch=2) as loader, in_place(raw) as reference:
         assert same(take(loader, epoch=1), take(reference, epoch=1))
+        assert loader._ahead is not None and loader._ahead.plan.epoch == 2
+        assert same(take(loader, epoch=2), take(reference, epoch=2))
         assert loader._ahead is None and ahead_threads() == []
 
 

@@ -440,13 +440,14 @@ def test_traced_appends_one_line_per_batch_then_steps(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("loader", ["wds", "tensor"])
 def test_the_loaders_are_told_how_many_epochs_train_py_reads(loader: str, tiny_dataset: Path) -> None:
-    """So that none prepares an epoch past the last (loaders.base.LoaderConfig.epochs)."""
+    """So that none prepares an epoch past the last (loaders.base.LoaderConfig.last_epoch): train.py's
+    epochs are 1..--epochs, so the last is --epochs itself."""
     from training import data
 
     args = ["--data", str(tiny_dataset), "--loader", loader, "--epochs", "3"]
     cfg = train.TrainConfig(**vars(train.get_args_parser().parse_args(args)))
     made = data.make_loaders(cfg, torch.device("cpu"))
     try:
-        assert {split: m.cfg.epochs for split, m in made.items()} == {"train": 3, "test": 3}
+        assert {split: m.cfg.last_epoch for split, m in made.items()} == {"train": 3, "test": 3}
     finally:
         data.close_loaders(made)

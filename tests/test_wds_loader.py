@@ -355,19 +355,32 @@ def test_workers_are_threads_that_leave_the_consumer_alone(coded: dict[int, Path
     assert not [t for t in threading.enumerate() if t.name.startswith("wds-reader")], "close() stops them"
 
 
-@pytest.mark.parametrize("epochs", [None, 2])
-def test_nothing_is_read_ahead_past_the_last_epoch_said(tmp_path: Path, epochs: int | None) -> None:
-    """With `epochs` said (train.py passes --epochs), the last epoch reads no shard of the next one:
-    exactly one read per shard per epoch; unsaid, the readers read ahead as usual."""
+def _requests_reach(loader: WdsLoader, before: int, at_least: int, wait_s: float = 5.0) -> int:
+    """The loader's shard reads since `before`, once they reach `at_least` (reads ahead run in fetch
+    threads) or `wait_s` has passed."""
+    deadline = time.monotonic() + wait_s
+    while (reads := loader.stats()["requests"] - before) < at_least and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return reads
+
+
+@pytest.mark.parametrize("last", [None, 2])
+def test_nothing_is_read_ahead_past_the_last_epoch_said(tmp_path: Path, last: int | None) -> None:
+    """train.py numbers its epochs 1..--epochs and says the last (LoaderConfig.last_epoch): epoch 1
+    still reads ahead into epoch 2, and epoch 2 into nothing, so each shard is read once per epoch;
+    unsaid, epoch 2 reads ahead as usual. 8 shards of 10, 2 readers, each reading 2 ahead at most."""
     data = build_coded(tmp_path / "ds", "raw", shard_size=10, train=80)
     options = {"keys": True, "shuffle_buffer": 8}
-    with WdsLoader(config(data, workers=2, options=options, epochs=epochs)) as loader:
+    with WdsLoader(config(data, workers=2, options=options, last_epoch=last)) as loader:
         before = loader.stats()["requests"]
-        for e in range(2):
-            assert Counter(epoch(loader, e)[0]) == Counter(all_keys(80))
-        time.sleep(0.2)  # a read ahead under way has started by now
-        reads = loader.stats()["requests"] - before
-        assert reads == 16 if epochs == 2 else 16 < reads <= 16 + 2 * 2, reads
+        assert Counter(epoch(loader, 1)[0]) == Counter(all_keys(80))
+        assert 8 < _requests_reach(loader, before, 9) <= 8 + 2 * 2, "epoch 1 read ahead into epoch 2"
+        assert Counter(epoch(loader, 2)[0]) == Counter(all_keys(80))
+        if last == 2:
+            time.sleep(0.3)  # a read ahead, had one been started, would have begun by now
+            assert loader.stats()["requests"] - before == 16
+        else:
+            assert 16 < _requests_reach(loader, before, 17) <= 16 + 2 * 2
 
 
 def test_local_read_ahead_reads_only_the_next_epochs_first_units(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ def make_loaders(
                 cache_dir=cfg.cache_dir,
                 rank=topology.rank,
                 world_size=topology.world_size,
-                epochs=cfg.epochs,
+                last_epoch=cfg.epochs,  # train.py's epochs are 1..--epochs
                 options=({"skip_bad": True} if cfg.skip_bad else {})
                 | ({"net": cfg.net} if cfg.net else {})
                 | ({} if cfg.verify else {"verify": False}),
