@@ -390,6 +390,10 @@ class _CountingReader:
     def readable(self) -> bool:
         return True
 
+    def fileno(self) -> int:
+        """The file's descriptor (a local file: its stat is read through it, loaders.shards)."""
+        return int(self._stream.fileno())
+
     def close(self) -> None:
         self._stream.close()
 

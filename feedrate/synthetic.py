@@ -53,8 +53,9 @@ def generate(
 
 
 def test_seed(seed: int) -> np.random.SeedSequence:
-    """The test split's stream of a run seeded `seed`: its own spawn key, so it is no integer seed's
-    stream (an offset seed, as before, made seed s's test split seed s + 1,000,003's training split)."""
+    """The test split's stream of a run seeded `seed`: its own spawn key, so no seed below 2**128 has it
+    as its training stream (numpy pads a seed to 128 bits before the key; an offset seed, as before,
+    made seed s's test split seed s + 1,000,003's training split)."""
     return np.random.SeedSequence(seed, spawn_key=(1,))
 
 

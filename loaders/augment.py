@@ -117,9 +117,9 @@ def normalize(
     out = _buffer(out, nchw, channels_last=nhwc is not None)
     step = NORMALIZE_CHUNK if images.device.type == "cpu" else max(1, len(images))
     if nhwc is not None:
-        n, h, w, _ = nhwc.shape
+        n, h, w, c = nhwc.shape
         scale, shift = _affine_pixels(images.device, tuple(mean), tuple(std), h * w)
-        flat_in, flat_out = nhwc.view(n, -1), out.permute(0, 2, 3, 1).view(n, -1)
+        flat_in, flat_out = nhwc.view(n, h * w * c), out.permute(0, 2, 3, 1).view(n, h * w * c)
         for start in range(0, n, step):
             chunk = flat_out[start : start + step]
             chunk.copy_(flat_in[start : start + step])

@@ -30,12 +30,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from feedrate import network
 from feedrate.errors import FeedrateError
-from feedrate.files import inside, sha256_of
+from feedrate.files import inside
 from feedrate.manifest import Manifest, load_manifest
 from feedrate.shardformat import ShardError, ShardIndex, TruncatedShard, parse_index
 from feedrate.storage import LocalStore, RetryPolicy, Store, open_store
@@ -102,8 +103,9 @@ class ShardCache:
     """Whole files of dataset `root` (shards, index files, CIFAR batches) in `cache_dir/<dataset key>/`,
     verified on entry.
 
-    A file already in the cache counts as a hit only when its size and sha256 match the manifest;
-    anything else is fetched again (a miss). Thread-safe: concurrent fetches of one name are serialised.
+    A file already in the cache counts as a hit only when its size and sha256 match the manifest
+    (hashed again unless unchanged since its hash matched, by LocalVerdicts' rule); anything else is
+    fetched again (a miss). Thread-safe: concurrent fetches of one name are serialised.
     Names come from the manifest (someone's bucket): each one is checked to stay inside the directory.
     """
 
@@ -114,8 +116,8 @@ class ShardCache:
         self.misses = 0
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        # path -> (size, mtime_ns) when its sha256 last matched: a file rewritten since is hashed again
-        self._verified: dict[str, tuple[int, int]] = {}
+        # the cached files whose sha256 matched, trusted while unchanged (LocalVerdicts' rule)
+        self._verdicts = LocalVerdicts()
 
     def path(self, name: str) -> Path:
         """Where `name` is cached; a name that would land outside the cache is a ShardError."""
@@ -128,38 +130,55 @@ class ShardCache:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    @staticmethod
-    def _stamp(path: Path) -> tuple[int, int] | None:
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        return (st.st_size, st.st_mtime_ns)
-
     def _valid(self, path: Path, size: int, sha256: str) -> bool:
-        stamp = self._stamp(path)
-        if stamp is None or stamp[0] != size:
+        """Whether the cached file has the manifest's size and sha256: hashed through its descriptor,
+        unless the verdicts trust it unchanged (its path goes to a reader that reads it later)."""
+        at_ns = time.time_ns()
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError:
             return False
-        if self._verified.get(str(path)) == stamp:
-            return True
-        if sha256_of(path) != sha256:
+        with stream:
+            before = LocalVerdicts.signature(stream)
+            if before is None or before[2] != size:
+                return False
+            if self._verdicts.trusted(str(path), before):
+                return True
+            actual = hashlib.file_digest(stream, "sha256").hexdigest()
+            after = LocalVerdicts.signature(stream)
+        if actual != sha256:
+            self._verdicts.forget(str(path))
             return False
-        self._verified[str(path)] = stamp
+        self._verdicts.record(str(path), before, after, at_ns)
         return True
 
     def _read_valid(self, path: Path, size: int, sha256: str) -> bytearray | None:
-        """The cached file's bytes when its size and sha256 match (hashed once per version), else None."""
-        stamp = self._stamp(path)
-        if stamp is None or stamp[0] != size:
+        """The cached file's bytes when its size and sha256 match, else None: hashed unless the verdicts
+        trust it unchanged before and after this read (both through its descriptor)."""
+        at_ns = time.time_ns()
+        try:
+            stream = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError:
             return None
-        data = bytearray(size)
-        with open(path, "rb") as f:
-            if f.readinto(data) != size:
+        with stream:
+            before = LocalVerdicts.signature(stream)
+            if before is None or before[2] != size:
                 return None
-        if self._verified.get(str(path)) != stamp:
-            if hashlib.sha256(data).hexdigest() != sha256:
-                return None
-            self._verified[str(path)] = stamp
+            trusted = self._verdicts.trusted(str(path), before)
+            data = bytearray(size)
+            view, filled = memoryview(data), 0
+            while filled < size and (n := stream.readinto(view[filled:])):
+                filled += n
+            whole = filled == size and not stream.read(1)
+            after = LocalVerdicts.signature(stream)
+        if not whole:
+            return None
+        if trusted and after == before:
+            return data
+        if hashlib.sha256(data).hexdigest() != sha256:
+            self._verdicts.forget(str(path))
+            return None
+        self._verdicts.record(str(path), before, after, at_ns)
         return data
 
     def read_through(self, name: str, size: int, sha256: str, fetch: Callable[[], bytearray]) -> bytearray:
@@ -177,9 +196,6 @@ class ShardCache:
             data = fetch()
             check_bytes(data, size, sha256, self.store.url_for(name))
             LocalStore(str(self.dir)).write_bytes(name, data)
-            stamp = self._stamp(path)
-            if stamp:
-                self._verified[str(path)] = stamp
             return data
 
     def fetch(self, name: str, size: int, sha256: str) -> Path:
@@ -190,7 +206,7 @@ class ShardCache:
                 self.hits += 1
                 return path
             self.misses += 1
-            self._verified.pop(str(path), None)
+            self._verdicts.forget(str(path))
             self.store.get_file(name, path)
             if not self._valid(path, size, sha256):
                 path.unlink(missing_ok=True)
@@ -267,15 +283,19 @@ class LocalVerdicts:
     Reading a local shard again (the next epoch) re-hashed bytes that had not changed: sha256 was 3.3-3.6
     of the wds loader's 23-25 CPU us per raw image here, 14% of all its work. So a local file whose
     sha256 matched is trusted on later reads while its signature (device, inode, size, mtime, ctime),
-    taken before the read and again after it, is the one it had when it was hashed. Anything that
-    writes the file through the filesystem changes its mtime and ctime (ctime cannot be set back by
-    a user), so a replaced or edited shard is hashed again, and a mismatch is the same error as
-    before. As git does for its index ("racy" entries), a file changed less than RACY_NS before it was
-    hashed is not trusted: a write within the same timestamp tick could leave the signature as it was.
-    What is not caught: a change below the filesystem (a disk returning other bytes, a raw write to
-    the device) after the first read. The verdicts live in memory with the loader, so every process
-    hashes every file it reads at least once; remote shards and cached copies are hashed every read.
-    The dali loader checks its local shards once, when it is built, and never again.
+    taken through the open file before the read and again after it, is the one it had when it was
+    hashed. A write(2) to the file changes its mtime and ctime (ctime cannot be set back by a user), a
+    file renamed into its place has another inode: either way the shard is hashed again, and a
+    mismatch is the same error as before. As git does for its index ("racy" entries), a file changed
+    less than RACY_NS before it was hashed is not trusted: a write within the same timestamp tick
+    could leave the signature as it was. What is not caught, after the first read: a change below
+    the file system (a disk returning other bytes, a raw write to the device), a second write through
+    a shared mmap of the file (Linux updates the times only when a clean page is first written: seen
+    here on ext4 and tmpfs), and a file system that reports times a writer controls (FUSE, a network
+    mount with a skewed clock). `rehash=true` (wds option) hashes every read instead. The verdicts
+    live in memory with the loader, so every process hashes every file it reads at least once; remote
+    shards are hashed on every GET; ShardCache checks its copies by this same rule. The dali
+    loader checks its local shards once, when it is built, and never again.
     """
 
     RACY_NS = 1_000_000_000
@@ -285,11 +305,13 @@ class LocalVerdicts:
         self._lock = threading.Lock()
 
     @staticmethod
-    def signature(path: Path) -> tuple[int, ...] | None:
-        """What changes when the file does; None when it cannot be read (the read then says why)."""
+    def signature(stream: Any) -> tuple[int, ...] | None:
+        """What changes when the file open as `stream` does, read through its descriptor (a stat by
+        path could see another file than the one read: one renamed in and out between them); None
+        when it cannot be had."""
         try:
-            st = os.stat(path)
-        except OSError:
+            st = os.fstat(stream.fileno())
+        except (OSError, AttributeError, ValueError):
             return None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
@@ -379,22 +401,25 @@ class ShardFetcher:
         return self._get(ref.name, 0, ref.bytes, None, whole=True)
 
     def _local_verified(self, ref: ShardRef, verdicts: LocalVerdicts) -> bytearray:
-        """A local shard, hashed unless `verdicts` trusts it unchanged before and after this read."""
-        path = self.root.store.path(ref.name)
+        """A local shard, hashed unless `verdicts` trusts the open file unchanged before and after this
+        read (both signatures through its descriptor)."""
+        url = self.root.store.url_for(ref.name)
         at_ns = time.time_ns()
-        before = verdicts.signature(path)
-        if verdicts.trusted(ref.name, before):
-            data = self._get(ref.name, 0, ref.bytes, None, whole=True)
-            if verdicts.signature(path) == before:
-                with self._count_lock:
-                    self.unchanged_bytes += len(data)
-                return data
-            verdicts.forget(ref.name)  # changed while it was read: these bytes are checked now
-            check_bytes(data, ref.bytes, ref.sha256, self.root.store.url_for(ref.name))
+        with self.root.store.open_read(ref.name, 0, None) as stream:
+            before = verdicts.signature(stream)
+            trusted = verdicts.trusted(ref.name, before)
+            data = self._take(stream, url, ref.bytes, None if trusted else ref.sha256, whole=True)
+            after = verdicts.signature(stream)
+        if not trusted:
+            verdicts.record(ref.name, before, after, at_ns)
             return self._verified(data)
-        data = self._verified(self._get(ref.name, 0, ref.bytes, ref.sha256, whole=True))
-        verdicts.record(ref.name, before, verdicts.signature(path), at_ns)
-        return data
+        if after == before:
+            with self._count_lock:
+                self.unchanged_bytes += len(data)
+            return data
+        verdicts.forget(ref.name)  # changed while it was read: these bytes are checked now
+        check_bytes(data, ref.bytes, ref.sha256, url)
+        return self._verified(data)
 
     def _get(self, name: str, start: int, end: int, sha256: str | None, whole: bool = False) -> bytearray:
         """One read of bytes [start, end) of `name` into a buffer, hashed on the way when `sha256`.
@@ -402,20 +427,23 @@ class ShardFetcher:
         `whole`: the object should be exactly `end` bytes; it is read with a plain GET (not a ranged
         one) and a longer object is an error as much as a shorter one.
         """
-        url = self.root.store.url_for(name)
-        data = bytearray(end - start)
+        with self.root.store.open_read(name, start, None if whole else end) as stream:
+            return self._take(stream, self.root.store.url_for(name), end - start, sha256, whole)
+
+    def _take(self, stream: Any, url: str, size: int, sha256: str | None, whole: bool) -> bytearray:
+        """`size` bytes of an open `stream` into a buffer (`_get`), hashed on the way when `sha256`."""
+        data = bytearray(size)
         view = memoryview(data)
         digest = hashlib.sha256() if sha256 else None
         filled = 0
-        with self.root.store.open_read(name, start, None if whole else end) as stream:
-            while filled < len(data):
-                n = stream.readinto(view[filled:])
-                if not n:
-                    break
-                if digest:
-                    digest.update(view[filled : filled + n])
-                filled += n
-            longer = whole and filled == len(data) and bool(stream.read(1))
+        while filled < len(data):
+            n = stream.readinto(view[filled:])
+            if not n:
+                break
+            if digest:
+                digest.update(view[filled : filled + n])
+            filled += n
+        longer = whole and filled == len(data) and bool(stream.read(1))
         if longer:
             raise ShardError(f"{url}: got more than {filled} of {len(data)} bytes (replaced shard)")
         if filled != len(data):

@@ -122,7 +122,9 @@ hot path: each batch's ids (~5 us), marking them and the consumer's bookkeeping 
 looking the crop and flip up by id costs ~5 us a batch less than drawing them: ~0.015 us/img net.
 
 Options (`LoaderConfig.options`; strings such as "true" or "8" are accepted from a command line):
-`verify` (bool, default true), `shuffle_buffer` (samples, >= 0), `decode` (by encoding: raw auto |
+`verify` (bool, default true), `rehash` (bool, default false: a local shard is hashed when first read,
+then trusted while unchanged; true hashes it on every read, see loaders.shards.LocalVerdicts),
+`shuffle_buffer` (samples, >= 0), `decode` (by encoding: raw auto |
 gather | numpy (its former name); jpg auto | simplejpeg | opencv | torchvision | pil; png auto |
 opencv | torchvision | pil),
 `prefetch` (shards fetched at once, ahead, per reader: auto | an integer >= 0; see below), `net` (a
@@ -231,6 +233,7 @@ class WdsOptions:
     augment_at: str = "auto"
     skip_bad: bool = False
     read_ahead: bool = True  # training data: start the next epoch's first shards early
+    rehash: bool = False  # hash a local shard on every read, not once while unchanged (LocalVerdicts)
 
     @classmethod
     def parse(cls, options: dict[str, Any], encoding: str) -> WdsOptions:
@@ -245,6 +248,7 @@ class WdsOptions:
             "augment_at": choice(*AUGMENT_AT),
             "skip_bad": flag,
             "read_ahead": flag,
+            "rehash": flag,
         }
         return cls(**parse_options("wds", options, declared))
 
@@ -275,7 +279,7 @@ class StreamSpec:
     reader_demand_bps: float  # depth is re-planned with
     augment_in_reader: bool  # readers send float32 batches ready to use, else uint8 NHWC
     pin: bool  # uint8 batches bound for CUDA are pinned by the reader (the copy then runs async)
-    verdicts: LocalVerdicts  # the local shards hashed already and unchanged since: shared by the readers
+    verdicts: LocalVerdicts | None  # local shards hashed and unchanged since, shared by the readers
 
     @property
     def total(self) -> int:
@@ -762,7 +766,7 @@ class WdsLoader:
             reader_demand_bps=demand / readers,
             augment_in_reader=at == "reader",
             pin=pins(self.device),
-            verdicts=LocalVerdicts(),
+            verdicts=None if self.options.rehash else LocalVerdicts(),
         )
         self._spec = spec
         self._decoder = DECODERS[(root.manifest.encoding, self.options.decode)]

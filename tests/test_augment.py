@@ -69,6 +69,11 @@ def test_normalize_keeps_the_memory_layout_and_the_values() -> None:
     assert torch.equal(normalize(images[::2], "NHWC"), plain[::2])
 
 
+def test_normalize_of_an_empty_batch_is_an_empty_batch() -> None:
+    for images, layout in ((batch(0), "NHWC"), (batch(0).permute(0, 3, 1, 2), "NCHW")):
+        assert normalize(images, layout).shape == (0, 3, 32, 32)
+
+
 def test_normalize_writes_into_a_given_buffer_and_refuses_one_that_does_not_fit() -> None:
     images = batch(8)
     out = torch.full((8, 3, 32, 32), float("nan")).contiguous(memory_format=torch.channels_last)

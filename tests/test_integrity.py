@@ -38,7 +38,7 @@ from loaders import LoaderConfig, make_loader, streaming
 from loaders.dali_pipe import DaliError, label_rows
 from loaders.dali_pipe import parse_labels as dali_parse_labels
 from loaders.decode import MAX_LABEL_DIGITS, parse_labels
-from loaders.shards import LocalVerdicts, ShardFetcher, open_dataset
+from loaders.shards import LocalVerdicts, ShardFetcher, ShardRef, open_dataset
 from loaders.streaming import WdsLoader
 from tests.helpers import TRAIN, all_keys, build_coded, config, epoch, needs_dali
 from training.timing import Clock
@@ -159,30 +159,105 @@ def test_a_local_shard_written_in_the_racy_window_is_hashed_on_every_read(tmp_pa
         assert loader.stats()["verified_bytes"] == 2 * shard_bytes and loader.stats()["unchanged_bytes"] == 0
 
 
+def trusted_fetcher(root: Path) -> tuple[ShardFetcher, ShardRef, bytes]:
+    """A fetcher that has hashed `root`'s second training shard once (so trusts it from now on)."""
+    fetcher = ShardFetcher(open_dataset(str(root)), verdicts=LocalVerdicts())
+    ref = fetcher.root.shards("train")[1]
+    good = bytes(fetcher.read(ref))
+    assert fetcher.unchanged_bytes == 0 and bytes(fetcher.read(ref)) == good
+    assert fetcher.unchanged_bytes == ref.bytes, "the second read trusted it"
+    return fetcher, ref, good
+
+
 def test_a_trusted_shard_that_changes_while_it_is_read_is_checked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_racy_window: None
 ) -> None:
     root = aged(build_coded(tmp_path / "ds", "raw", shard_size=10))
-    fetcher = ShardFetcher(open_dataset(str(root)), verdicts=LocalVerdicts())
-    ref = fetcher.root.shards("train")[1]
-    good = bytes(fetcher.read(ref))  # hashed, and trusted from now on
-    assert fetcher.verdicts is not None and fetcher.verdicts.trusted(
-        ref.name, LocalVerdicts.signature(root / ref.name)
-    )
+    fetcher, ref, good = trusted_fetcher(root)
     shard = root / ref.name
     at = image_offset((root / ref.index_name).read_text(), ref.name, "raw", 1)
-    real_get = fetcher._get
+    real_take = fetcher._take
 
-    def get_then_replace(*args: object, **kw: object) -> bytearray:
-        data = real_get(*args, **kw)  # the trusted bytes are read; then someone writes the file
-        shard.write_bytes(flip_byte(good, at))
-        data[at] ^= 0x01  # as if the read had seen the new bytes
+    def take_then_write(stream: object, *args: object, **kw: object) -> bytearray:
+        data = real_take(stream, *args, **kw)  # the trusted bytes are read; then someone writes the file
+        with open(shard, "r+b") as fh:  # in place: the same inode, so only its times tell
+            fh.seek(at)
+            fh.write(bytes([good[at] ^ 0x01]))
+        data[at] ^= 0x01  # as if the read had seen the new byte
         return data
 
-    monkeypatch.setattr(fetcher, "_get", get_then_replace)
+    monkeypatch.setattr(fetcher, "_take", take_then_write)
     with pytest.raises(ShardError, match="is corrupt: sha256"):
         fetcher.read(ref)
-    assert not fetcher.verdicts.trusted(ref.name, LocalVerdicts.signature(shard)), "and is hashed next time"
+    monkeypatch.undo()
+    with pytest.raises(ShardError, match="is corrupt: sha256"):
+        fetcher.read(ref)  # and it is hashed from now on
+
+
+def test_a_dataset_directory_swapped_in_for_the_open_is_hashed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_racy_window: None
+) -> None:
+    """The signature is the open file's: a directory holding a tampered copy swapped in for the
+    dataset's just for the open, and out again before any stat by path (renaming a directory changes
+    no time of the files in it, so a stat by path before and after the read would have trusted it)."""
+    root = aged(build_coded(tmp_path / "ds", "raw", shard_size=10))
+    fetcher, ref, good = trusted_fetcher(root)
+    aside, forged = tmp_path / "aside", tmp_path / "forged"
+    forged.mkdir()
+    at = image_offset((root / ref.index_name).read_text(), ref.name, "raw", 1)
+    (forged / ref.name).write_bytes(flip_byte(good, at))
+    store = fetcher.root.store
+    real_open = store.open_read
+
+    def swapped_open(name: str, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        os.replace(root, aside)
+        os.replace(forged, root)
+        try:
+            return real_open(name, *args, **kw)  # opens the forged file
+        finally:
+            os.replace(root, forged)
+            os.replace(aside, root)  # the real directory is back, every file's stat as it was
+
+    monkeypatch.setattr(store, "open_read", swapped_open)
+    with pytest.raises(ShardError, match="is corrupt: sha256"):
+        fetcher.read(ref)
+
+
+def test_rehash_hashes_a_local_shard_on_every_read(tmp_path: Path, no_racy_window: None) -> None:
+    root = aged(build_coded(tmp_path / "ds", "raw", shard_size=10))
+    options = {"keys": True, "read_ahead": False, "rehash": True}
+    with WdsLoader(config(root, options=options)) as loader:
+        shard_bytes = sum(r.bytes for r in loader._fetcher.root.shards("train"))
+        epoch(loader, 0)
+        epoch(loader, 1)
+        assert loader.stats()["verified_bytes"] == 2 * shard_bytes and loader.stats()["unchanged_bytes"] == 0
+
+
+def test_a_cached_copy_edited_with_its_mtime_restored_is_fetched_again(
+    bucket: str, s3_env, tmp_path: Path, no_racy_window: None
+) -> None:
+    """The cache's copies are trusted by LocalVerdicts' rule too: a (size, mtime) stamp, as the cache
+    kept before, took a copy edited in place with its mtime set back for the one it had hashed."""
+    url = f"s3://{bucket}/ds"
+    build_coded(tmp_path / "ds", "raw", shard_size=10, url=url)
+    cache = tmp_path / "cache"
+    options = {"keys": True, "read_ahead": False}
+    with WdsLoader(config(url, cache_dir=str(cache), options=options)) as loader:
+        assert Counter(epoch(loader, 0)[0]) == Counter(all_keys())  # every shard fetched and cached
+        misses = loader.stats()["cache_misses"]
+        epoch(loader, 1)  # every copy hashed again (written by this process just now), then trusted
+        assert loader.stats()["cache_misses"] == misses
+        (copy,) = cache.rglob("train-000001.tar")
+        before = copy.stat()
+        at = image_offset(open_store(url).read_bytes("train-000001.idx").decode(), copy.name, "raw", 1)
+        copy.write_bytes(flip_byte(copy.read_bytes(), at))
+        os.utime(copy, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert Counter(epoch(loader, 2)[0]) == Counter(all_keys()), "the good bytes, fetched again"
+        assert loader.stats()["cache_misses"] == misses + 1
+    assert (
+        hashlib.sha256(copy.read_bytes()).hexdigest()
+        == hashlib.sha256(open_store(url).read_bytes("train-000001.tar")).hexdigest()
+    ), "and the copy was replaced by a good one"
 
 
 def batch_file(root: Path) -> Path:

@@ -220,7 +220,7 @@ def test_a_temporary_copy_goes_on_close_and_when_construction_is_interrupted(
 ACCEPTED = {
     "torchvision": "net, skip_bad, verify",
     "tensor": "net, skip_bad, verify",
-    "wds": "augment_at, decode, keys, net, prefetch, read_ahead, shuffle_buffer, skip_bad, verify",
+    "wds": "augment_at, decode, keys, net, prefetch, read_ahead, rehash, shuffle_buffer, skip_bad, verify",
     "dali": "hw_decoder_load, initial_fill, net, prefetch, skip_bad, threads, verify",
 }
 
