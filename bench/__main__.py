@@ -124,7 +124,9 @@ def _run(args: argparse.Namespace) -> None:
             f"{document['machine'].get('cpu_count')} CPUs, batch {args.batch_size}, "
             f"{args.samples} images per pass, median of {args.repeats}; ratios to the torchvision "
             "baseline (local, same workers) measured first and last in this run, against the mean of the "
-            "two; CPU µs/img: user + system time of the variant's process tree over its timed passes.\n\n"
+            "two; CPU µs/img: user + system time of the variant's process tree over its timed passes.\n"
+            + _code_line(document.get("code") or {})
+            + "\n"
             + text
         ).encode(),
     )
@@ -132,6 +134,14 @@ def _run(args: argparse.Namespace) -> None:
         print("bench: warning: the baseline was unsteady in this run (see bench.md)", file=sys.stderr)
     print(text)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+def _code_line(code: dict) -> str:
+    """Which commit the figures are of, and whether the tree had local changes then."""
+    if not code.get("commit"):
+        return "Code: not a git checkout.\n"
+    dirty = " with local changes" if code.get("dirty") else ""
+    return f"Code: commit {code['commit'][:12]}{dirty}.\n"
 
 
 if __name__ == "__main__":

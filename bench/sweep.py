@@ -75,7 +75,7 @@ def run_variant(v: Variant, data: str, args: argparse.Namespace, env: dict[str, 
 
 def sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Every variant of `args` measured (or skipped, with why): the bench JSON document."""
-    from training.results import library_versions, machine
+    from training.results import git_state, library_versions, machine
 
     cuda = _cuda_available()
     data_dir = Path(args.data_dir)
@@ -170,6 +170,7 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     add_local_ratios(results)
     return {
         "machine": {**machine(), "libraries": library_versions(), "cuda": cuda},
+        "code": git_state(Path(__file__).resolve().parent.parent),  # which commit these figures are of
         "baseline": baseline,
         "config": {
             "samples": args.samples,

@@ -255,6 +255,8 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     doc = json.loads((out / "bench.json").read_text())
     assert doc["machine"]["cpu_count"] >= 1
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    assert doc["code"]["commit"] == head.stdout.strip(), "the figures name the commit they are of"
     results = doc["results"]
     # the baseline first and last; the ratios are to the mean of its two passes
     first, last = results[0], results[-1]
@@ -302,6 +304,7 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
         assert 30 <= remote["prefetch_plan"]["link"]["latency_ms"] <= 2_000
     assert doc["config"]["networks"]["home"]["total_MBps"] == 12.5
     table = (out / "bench.md").read_text()
+    assert f"Code: commit {doc['code']['commit'][:12]}" in table
     assert "| wds | s3 | home | raw | 0 | cpu |" in table and "× baseline" in table and "× local" in table
     assert "| torchvision (first) | local |" in table and "| torchvision (last) | local |" in table
     assert "Baseline (torchvision, local, 0 workers): first " in table and "CPU µs/img" in table
