@@ -153,33 +153,17 @@ class ShardCache:
         return True
 
     def _read_valid(self, path: Path, size: int, sha256: str) -> bytearray | None:
-        """The cached file's bytes when its size and sha256 match, else None: hashed unless the verdicts
-        trust it unchanged before and after this read (both through its descriptor)."""
-        at_ns = time.time_ns()
+        """The cached file's bytes when its size and sha256 match, else None (hashed unless the
+        verdicts trust it unchanged: LocalVerdicts.read)."""
         try:
             stream = open(path, "rb")  # noqa: SIM115 - closed below
         except OSError:
             return None
         with stream:
-            before = LocalVerdicts.signature(stream)
-            if before is None or before[2] != size:
+            try:
+                return self._verdicts.read(str(path), stream, size, sha256, str(path))[0]
+            except ShardError:  # a bad copy is a miss: fetched again
                 return None
-            trusted = self._verdicts.trusted(str(path), before)
-            data = bytearray(size)
-            view, filled = memoryview(data), 0
-            while filled < size and (n := stream.readinto(view[filled:])):
-                filled += n
-            whole = filled == size and not stream.read(1)
-            after = LocalVerdicts.signature(stream)
-        if not whole:
-            return None
-        if trusted and after == before:
-            return data
-        if hashlib.sha256(data).hexdigest() != sha256:
-            self._verdicts.forget(str(path))
-            return None
-        self._verdicts.record(str(path), before, after, at_ns)
-        return data
 
     def read_through(self, name: str, size: int, sha256: str, fetch: Callable[[], bytearray]) -> bytearray:
         """The bytes of `name`: a verified cached copy (a hit), else `fetch()`ed, verified and stored.
@@ -271,6 +255,33 @@ def check_bytes(data: bytes | bytearray, size: int, sha256: str, url: str) -> No
         raise corrupt(url, actual, sha256)
 
 
+def read_exact(stream: Any, url: str, size: int, sha256: str | None, whole: bool) -> bytearray:
+    """`size` bytes of an open `stream` into a buffer, hashed on the way when `sha256`: a ShardError
+    naming `url` when they do not match, when the stream is longer (`whole`), or (TruncatedShard, with
+    what arrived) when it ends early."""
+    data = bytearray(size)
+    view = memoryview(data)
+    digest = hashlib.sha256() if sha256 else None
+    filled = 0
+    while filled < len(data):
+        n = stream.readinto(view[filled:])
+        if not n:
+            break
+        if digest:
+            digest.update(view[filled : filled + n])
+        filled += n
+    longer = whole and filled == len(data) and bool(stream.read(1))
+    if longer:
+        raise ShardError(f"{url}: got more than {filled} of {len(data)} bytes (replaced shard)")
+    if filled != len(data):
+        raise TruncatedShard(
+            f"{url}: got {filled} of {len(data)} bytes (truncated or replaced shard)", data, filled
+        )
+    if digest and sha256 and digest.hexdigest() != sha256:
+        raise corrupt(url, digest.hexdigest(), sha256)
+    return data
+
+
 def corrupt(url: str, actual: str, expected: str) -> ShardError:
     return ShardError(
         f"{url} is corrupt: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}..."
@@ -332,6 +343,28 @@ class LocalVerdicts:
     def forget(self, name: str) -> None:
         with self._lock:
             self._good.pop(name, None)
+
+    def read(self, name: str, stream: Any, size: int, sha256: str, url: str) -> tuple[bytearray, bool]:
+        """The `size` bytes of the open file `stream` (`name`), and whether they were hashed: not when it
+        is trusted unchanged before and after this read (both signatures through its descriptor), else
+        checked against `sha256` (read_exact's ShardError naming `url` when they differ) and trusted
+        from now on if `record` allows."""
+        at_ns = time.time_ns()
+        before = self.signature(stream)
+        trusted = self.trusted(name, before)
+        try:
+            data = read_exact(stream, url, size, None if trusted else sha256, True)
+            after = self.signature(stream)
+            if trusted and after == before:
+                return data, False
+            if trusted:  # changed while it was read: these bytes are checked now
+                self.forget(name)
+                check_bytes(data, size, sha256, url)
+        except ShardError:
+            self.forget(name)
+            raise
+        self.record(name, before, after, at_ns)
+        return data, True
 
 
 class ShardFetcher:
@@ -401,25 +434,15 @@ class ShardFetcher:
         return self._get(ref.name, 0, ref.bytes, None, whole=True)
 
     def _local_verified(self, ref: ShardRef, verdicts: LocalVerdicts) -> bytearray:
-        """A local shard, hashed unless `verdicts` trusts the open file unchanged before and after this
-        read (both signatures through its descriptor)."""
+        """A local shard, hashed unless `verdicts` trusts it unchanged (LocalVerdicts.read)."""
         url = self.root.store.url_for(ref.name)
-        at_ns = time.time_ns()
         with self.root.store.open_read(ref.name, 0, None) as stream:
-            before = verdicts.signature(stream)
-            trusted = verdicts.trusted(ref.name, before)
-            data = self._take(stream, url, ref.bytes, None if trusted else ref.sha256, whole=True)
-            after = verdicts.signature(stream)
-        if not trusted:
-            verdicts.record(ref.name, before, after, at_ns)
+            data, hashed = verdicts.read(ref.name, stream, ref.bytes, ref.sha256, url)
+        if hashed:
             return self._verified(data)
-        if after == before:
-            with self._count_lock:
-                self.unchanged_bytes += len(data)
-            return data
-        verdicts.forget(ref.name)  # changed while it was read: these bytes are checked now
-        check_bytes(data, ref.bytes, ref.sha256, url)
-        return self._verified(data)
+        with self._count_lock:
+            self.unchanged_bytes += len(data)
+        return data
 
     def _get(self, name: str, start: int, end: int, sha256: str | None, whole: bool = False) -> bytearray:
         """One read of bytes [start, end) of `name` into a buffer, hashed on the way when `sha256`.
@@ -428,31 +451,7 @@ class ShardFetcher:
         one) and a longer object is an error as much as a shorter one.
         """
         with self.root.store.open_read(name, start, None if whole else end) as stream:
-            return self._take(stream, self.root.store.url_for(name), end - start, sha256, whole)
-
-    def _take(self, stream: Any, url: str, size: int, sha256: str | None, whole: bool) -> bytearray:
-        """`size` bytes of an open `stream` into a buffer (`_get`), hashed on the way when `sha256`."""
-        data = bytearray(size)
-        view = memoryview(data)
-        digest = hashlib.sha256() if sha256 else None
-        filled = 0
-        while filled < len(data):
-            n = stream.readinto(view[filled:])
-            if not n:
-                break
-            if digest:
-                digest.update(view[filled : filled + n])
-            filled += n
-        longer = whole and filled == len(data) and bool(stream.read(1))
-        if longer:
-            raise ShardError(f"{url}: got more than {filled} of {len(data)} bytes (replaced shard)")
-        if filled != len(data):
-            raise TruncatedShard(
-                f"{url}: got {filled} of {len(data)} bytes (truncated or replaced shard)", data, filled
-            )
-        if digest and sha256 and digest.hexdigest() != sha256:
-            raise corrupt(url, digest.hexdigest(), sha256)
-        return data
+            return read_exact(stream, self.root.store.url_for(name), end - start, sha256, whole)
 
     def read_index(self, ref: ShardRef, lenient: bool = False) -> ShardIndex:
         """The parsed index of `ref`, always verified (it is small and decides every slice); `lenient`

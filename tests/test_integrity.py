@@ -34,7 +34,7 @@ from feedrate.errors import FeedrateError
 from feedrate.manifest import MANIFEST_NAME
 from feedrate.shardformat import ShardError, parse_index, write_index
 from feedrate.storage import open_store
-from loaders import LoaderConfig, make_loader, streaming
+from loaders import LoaderConfig, make_loader, shards, streaming
 from loaders.dali_pipe import DaliError, label_rows
 from loaders.dali_pipe import parse_labels as dali_parse_labels
 from loaders.decode import MAX_LABEL_DIGITS, parse_labels
@@ -150,7 +150,11 @@ def test_a_local_shard_changed_between_epochs_is_hashed_again_and_refused(
     assert str(caught.value).startswith(f"{shard} is corrupt: sha256")
 
 
-def test_a_local_shard_written_in_the_racy_window_is_hashed_on_every_read(tmp_path: Path) -> None:
+def test_a_local_shard_written_in_the_racy_window_is_hashed_on_every_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the window widened to an hour, so that "just written" holds however slow the machine is
+    monkeypatch.setattr(LocalVerdicts, "RACY_NS", 3600 * 10**9)
     root = build_coded(tmp_path / "ds", "raw", shard_size=10)  # just written: within RACY_NS
     with WdsLoader(config(root, options={"keys": True, "read_ahead": False})) as loader:
         shard_bytes = sum(r.bytes for r in loader._fetcher.root.shards("train"))
@@ -176,17 +180,17 @@ def test_a_trusted_shard_that_changes_while_it_is_read_is_checked(
     fetcher, ref, good = trusted_fetcher(root)
     shard = root / ref.name
     at = image_offset((root / ref.index_name).read_text(), ref.name, "raw", 1)
-    real_take = fetcher._take
+    real_read = shards.read_exact
 
-    def take_then_write(stream: object, *args: object, **kw: object) -> bytearray:
-        data = real_take(stream, *args, **kw)  # the trusted bytes are read; then someone writes the file
+    def read_then_write(stream: object, *args: object, **kw: object) -> bytearray:
+        data = real_read(stream, *args, **kw)  # the trusted bytes are read; then someone writes the file
         with open(shard, "r+b") as fh:  # in place: the same inode, so only its times tell
             fh.seek(at)
             fh.write(bytes([good[at] ^ 0x01]))
         data[at] ^= 0x01  # as if the read had seen the new byte
         return data
 
-    monkeypatch.setattr(fetcher, "_take", take_then_write)
+    monkeypatch.setattr(shards, "read_exact", read_then_write)
     with pytest.raises(ShardError, match="is corrupt: sha256"):
         fetcher.read(ref)
     monkeypatch.undo()
