@@ -108,8 +108,8 @@ def normalize(
     indexing, with the pixels' bytes where the input had them. Transposing to NCHW memory on the way
     cost 4.4-5.0 us/img of one core here, the float conversion alone 2.1 (256 images of 32x32x3, the
     same values to the bit; torch's strided copy and its broadcast over a channel axis of 3 do not
-    vectorise). Convolutions take either memory format; on CUDA the training loop runs the model in
-    channels_last anyway (training.models), and on the CPU a step of `--arch small` was faster with
+    vectorise). Convolutions take either memory format; on CUDA the training loop gives the model its
+    own format (training.models.Stepper), and on the CPU a step of `--arch small` was faster with
     such a batch (209 against 264 us/img) and ResNet-50's the same within the noise."""
     _check(images, layout)
     nhwc = _as_nhwc(images, layout)
